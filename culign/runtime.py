@@ -156,7 +156,9 @@ class Runtime:
              ) -> "Runtime":
         """Load the embedded default (model None), an HF hub id (from the local HF cache) or a local folder."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # culign shows its own progress; per-tensor bars are noise
         model = model or os.environ.get("CULIGN_MODEL") or None
         device = device or os.environ.get("CULIGN_DEVICE") or default_device()
         torch_dtype = parse_dtype(dtype or os.environ.get("CULIGN_DTYPE"), device)

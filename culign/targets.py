@@ -33,6 +33,9 @@ ISO2 = {
 EXTRA_NAMES = {"USA": ("United States", "United States of America", "America"), "GBR": ("United Kingdom", "UK"),
                "KOR": ("South Korea", "Korea"), "CZE": ("Czech Republic", "Czechia"), "SLK": ("Slovakia",)}
 
+PERSONA_NAMES = {"USA": "the United States", "GBR": "Great Britain", "KOR": "South Korea", "CZE": "the Czech Republic",
+                 "NET": "the Netherlands", "PHI": "the Philippines", "DOM": "the Dominican Republic"}
+
 # Saudi Arabia's matrix row has only LTO and IVR; the paper's region needs all six, so we document two full rows.
 SAUDI_VARIANTS = {
     # legacy Hofstede Insights country page (PDI/IDV/MAS/UAI estimates) + matrix LTO/IVR
@@ -58,6 +61,11 @@ class Target:
     source: str
     code: str | None = None  # Hofstede code
     missing: tuple[str, ...] = field(default=())
+
+    @property
+    def display_name(self) -> str:
+        """Name used in the persona line ("U.S.A." in the table reads better as "the United States")."""
+        return PERSONA_NAMES.get(self.code or "", self.name)
 
     def to_dict(self) -> dict:
         return {"key": self.key, "name": self.name, "code": self.code, "scores": self.scores,

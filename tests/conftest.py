@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random Llama built in-process (fast unit tests) and the real embedded SmolLM2 (loaded
+once per session for the integration tests)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer whose vocabulary holds the digits 1..5 as single tokens and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_end|>", "<|im_start|>", "<unk>"]
+    words = list("12345") + [chr(c) for c in range(ord("a"), ord("z") + 1)] + list(":=().,;?!-'\n")
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # one character per token
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    tok = build_tiny_tokenizer()
+    return build_tiny_model(len(tok)), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime(tiny_model):
+    from culign.runtime import Runtime
+
+    model, tok = tiny_model
+    return Runtime(model, tok, "tiny-random-llama", "cpu", torch.float32)
+
+
+@pytest.fixture(scope="session")
+def real_runtime():
+    """The embedded SmolLM2-135M-Instruct (bf16, as users run it), converted from the wheel's GGUF on first use."""
+    from culign.runtime import Runtime
+
+    return Runtime.load()

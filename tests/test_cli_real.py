@@ -1,0 +1,50 @@
+"""`culign eval` and `culign regions` end to end, on the real embedded SmolLM2 (a subprocess, as users run it)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.real
+
+
+def culign(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "culign.cli", *args], capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"culign {' '.join(args)} failed ({p.returncode}):\n{p.stderr}")
+    return p
+
+
+def test_eval_us_json_naive_and_icl():
+    out = json.loads(culign("eval", "--region", "US", "--icl", "--json").stdout)
+    assert out["target"]["key"] == "US" and out["model"].startswith("embedded:")
+    naive, icl = out["rows"]
+    assert naive["label"] == "naive" and icl["label"] == "icl"
+    for row in (naive, icl):
+        assert set(row["indices"]) == {"PDI", "IDV", "MAS", "UAI", "LTO", "IVR"}
+        assert all(math.isfinite(v) for v in row["indices"].values())
+        assert row["option_mass"] > 0.5  # the "Answer: " prefill keeps the model on the options
+        assert math.isfinite(row["loss"]) and row["loss"] > 0
+    assert naive["indices"] != icl["indices"]
+
+
+def test_eval_table_and_presentations():
+    p = culign("eval", "--region", "india", "--presentation", "reversed", "--presentation", "inline")
+    assert "India (IN)" in p.stdout and "naive" in p.stdout and "L1" in p.stdout
+
+
+def test_bad_input_is_a_usage_error():
+    p = culign("eval", "--region", "Chna", check=False)
+    assert p.returncode == 2 and "CN (China)" in p.stderr and "Traceback" not in p.stderr
+    p = culign("eval", "--target", "PDI=abc", check=False)
+    assert p.returncode == 2 and "PDI=abc" in p.stderr
+    p = culign("eval", "--region", "US", "--model", "/nonexistent/model", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+
+
+def test_regions_lists_the_table():
+    rows = json.loads(culign("regions", "--json").stdout)
+    assert len(rows) == 111
+    sa = next(r for r in rows if r["key"] == "SA")
+    assert sa["scores"]["PDI"] == 95

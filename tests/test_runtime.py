@@ -1,0 +1,103 @@
+"""Soft-prompt injection, shared-prefix scoring and batched generation on a tiny random Llama."""
+import pytest
+import torch
+
+from culign.runtime import GenerationRequest, parse_dtype, weights_fingerprint
+from culign.scorer import SurveyScorer
+from culign.survey import Survey
+
+
+def _prompt(rt, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rt.hidden_size, generator=g) * rt.embedding_matrix.float().std()
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_runtime):
+    rt = tiny_runtime
+    ids = lambda s: rt.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [
+        (ids("hello there, how are you?"), _prompt(rt, 4, 1)),
+        (ids("short"), None),
+        (ids("a different prompt of some length"), _prompt(rt, 7, 2)),
+        (ids("abc"), _prompt(rt, 2, 3)),
+    ]
+
+
+def test_mixed_batch_equals_each_row_alone(tiny_runtime, rows):
+    batched = tiny_runtime.next_token_logits(rows)
+    for i, row in enumerate(rows):
+        alone = tiny_runtime.next_token_logits([row])[0]
+        torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_prompt_changes_the_output(tiny_runtime, rows):
+    ids, prompt = rows[0]
+    assert not torch.allclose(tiny_runtime.next_token_logits([(ids, prompt)]),
+                              tiny_runtime.next_token_logits([(ids, None)]))
+
+
+def test_injection_is_prepending_embeddings(tiny_runtime, rows):
+    """The soft prompt sits before the token embeddings, positions counted from it (as HF PEFT does)."""
+    ids, prompt = rows[0]
+    rt = tiny_runtime
+    embeds = torch.cat([prompt, rt.model.get_input_embeddings()(torch.tensor(ids))]).unsqueeze(0)
+    with torch.no_grad():
+        ref = rt.model(inputs_embeds=embeds).logits[0, -1]
+    torch.testing.assert_close(rt.next_token_logits([(ids, prompt)])[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_batched_equals_alone(tiny_runtime, rows):
+    reqs = [GenerationRequest(ids, p, max_new_tokens=6 + i) for i, (ids, p) in enumerate(rows)]
+    reqs.append(GenerationRequest(rows[0][0], rows[0][1], max_new_tokens=5, temperature=0.9, seed=7))
+    batched = tiny_runtime.generate(reqs)
+    for r, out in zip(reqs, batched):
+        assert out == tiny_runtime.generate([r])[0]
+        assert 0 < len(out) <= r.max_new_tokens
+    assert batched[0] != batched[2] or rows[0][0] != rows[2][0]
+
+
+def test_shared_prefix_scoring_equals_full_forward(tiny_runtime):
+    rt = tiny_runtime
+    enc = lambda s: rt.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix, suffixes = enc("common prefix: "), [enc("q one?"), enc("question two is longer?"), enc("x")]
+    prompts = torch.stack([_prompt(rt, 3, s) for s in range(5)])
+    options = rt.option_token_ids(list("12345"))
+    got = rt.option_logprobs(prefix, suffixes, prompts, options, token_budget=64)  # forces chunking
+    assert got.shape == (5, 3, 5)
+    for s in range(5):
+        full = rt.next_token_logits([(prefix + suf, prompts[s]) for suf in suffixes]).log_softmax(-1)[:, options]
+        torch.testing.assert_close(got[s], full, atol=1e-4, rtol=1e-4)
+    naive = rt.option_logprobs(prefix, suffixes, None, options)
+    ref = rt.next_token_logits([(prefix + suf, None) for suf in suffixes]).log_softmax(-1)[:, options]
+    torch.testing.assert_close(naive[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_scorer_on_tiny_model(tiny_runtime):
+    scorer = SurveyScorer(tiny_runtime, Survey.load(), ["standard", "reversed", "inline"])
+    prompts = torch.stack([_prompt(tiny_runtime, 4, s) for s in range(3)])
+    results = scorer.score(prompts)
+    assert len(results) == 3
+    for r in results:
+        assert set(r.indices) == {"PDI", "IDV", "MAS", "UAI", "LTO", "IVR"}
+        assert all(1.0 <= v <= 5.0 for v in r.item_means.values())
+        assert 0.0 < r.option_mass <= 1.0
+    assert results[0].indices != results[1].indices
+    # item sharing: fewer tokens than asking every item in full
+    full = sum(len(tiny_runtime.chat_ids(p.presentation.messages(it), p.presentation.prefill))
+               for p in scorer.prepared for it in scorer.survey.items)
+    assert scorer.tokens_per_candidate < full
+
+
+def test_dtype_and_fingerprint(tiny_runtime):
+    assert parse_dtype("auto", "cpu") == torch.bfloat16 and parse_dtype("fp32", "cpu") == torch.float32
+    with pytest.raises(ValueError):
+        parse_dtype("int3", "cpu")
+    fp = weights_fingerprint(tiny_runtime.model)
+    assert fp == tiny_runtime.fingerprint and fp.startswith("sha256:")
+    # a checkpoint stored in bf16 fingerprints the same whether loaded in bf16 or fp32; other weights differ
+    import copy
+
+    bf16 = copy.deepcopy(tiny_runtime.model).to(torch.bfloat16)
+    assert weights_fingerprint(bf16) == weights_fingerprint(copy.deepcopy(bf16).to(torch.float32))
+    assert weights_fingerprint(bf16) != fp
