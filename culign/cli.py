@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .optimize import STRATEGIES as _STRATEGIES, DEConfig
 from .survey import DIMENSIONS, PRESENTATIONS, persona_line
 from .targets import SAUDI_VARIANTS, DEFAULT_SAUDI_VARIANT, Target, UnknownRegionError, parse_custom, resolve, TABLE
 
@@ -153,6 +154,87 @@ def eval_cmd(region, target_spec, saudi_variant, adapters, adapters_dir, icl, pr
     else:
         click.echo(f"{target.name} ({target.key}) on {rt.name}, presentation(s): {', '.join(presentations)}\n")
         click.echo(format_table(target, rows))
+
+
+def _floats(text: str) -> tuple[float, float]:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"expected LO,HI numbers, got {text!r}", param_hint="--mutation") from None
+    if len(vals) == 1:
+        vals = (vals[0], vals[0])
+    if len(vals) != 2:
+        raise click.BadParameter(f"expected LO,HI, got {text!r}", param_hint="--mutation")
+    return vals  # type: ignore[return-value]
+
+
+@main.command("train")
+@target_options
+@click.option("--name", default=None, help="Registry name for a --target run (default: custom).")
+@click.option("--tokens", default=8, show_default=True, help="Virtual tokens in the soft prompt.")
+@click.option("--dim", default=64, show_default=True, help="Dimension of the DE search space z (prompt = P0 + A z).")
+@click.option("--bound", default=1.0, show_default=True, help="z lies in [-bound, bound]^dim.")
+@click.option("--scale", default=1.0, show_default=True,
+              help="Prompt perturbation at |z| = bound, in units of the embedding table's std.")
+@click.option("--popsize", default=16, show_default=True, help="DE population size (exactly; not x dim).")
+@click.option("--budget", default=400, show_default=True,
+              help="Candidate evaluations in all (whole generations; the initial population counts).")
+@click.option("--strategy", default="best1bin", show_default=True, type=click.Choice(list(_STRATEGIES)))
+@click.option("--mutation", default="0.5,1.0", show_default=True, help="Dithered mutation factor range LO,HI.")
+@click.option("--recombination", default=0.7, show_default=True, help="DE crossover probability.")
+@click.option("--seed", default=0, show_default=True, help="Seeds A, P0 and DE: same seed, same adapter.")
+@click.option("--init", "init", default="persona", show_default=True, type=click.Choice(["persona", "vocab", "text"]),
+              help="P0: embeddings of the persona line (DE starts at ICL), of random vocab tokens, or of --init-text.")
+@click.option("--init-text", default=None, help="Text whose token embeddings form P0 (with --init text).")
+@click.option("--train-presentation", "train_pres", multiple=True, type=PRES_CHOICE,
+              help="Presentations the loss is averaged over (repeatable; default: standard).")
+@click.option("--heldout-presentation", "heldout_pres", multiple=True, type=PRES_CHOICE,
+              help="Presentations scored only at the end (default: the others).")
+@click.option("--adapters-dir", default="adapters", show_default=True, envvar="CULIGN_ADAPTERS",
+              type=click.Path(file_okay=False, path_type=Path), help="The adapter registry to save into.")
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Where per-generation checkpoints go (default: ~/.cache/culign/runs).")
+@click.option("--resume", is_flag=True, help="Continue the checkpointed run with the same settings (a larger "
+              "--budget extends it); the result equals an uninterrupted run with the same seed.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def train_cmd(region, target_spec, saudi_variant, name, tokens, dim, bound, scale, popsize, budget, strategy,
+              mutation, recombination, seed, init, init_text, train_pres, heldout_pres, adapters_dir,
+              checkpoint_dir, resume, model, device, dtype, as_json):
+    """Tune a soft prompt with Differential Evolution so the frozen model's VSM 2013 indices match a region.
+
+    Prints naive / persona (ICL) / DE rows, saves the adapter (PEFT prompt-tuning format + culign.json provenance,
+    report.json, radar.png) as the next version of REGION in the registry. Ctrl-C stops after saving the best
+    prompt found so far; a killed run continues with --resume.
+    """
+    from .trainer import TrainSettings, train
+
+    target = _target(region, target_spec, saudi_variant, name)
+    train_pres = list(train_pres) or ["standard"]
+    heldout_pres = list(heldout_pres) or [p for p in PRESENTATIONS if p not in train_pres]
+    try:
+        settings = TrainSettings(
+            de=DEConfig(tokens=tokens, dim=dim, bound=bound, scale=scale, popsize=popsize, budget=budget,
+                        strategy=strategy, mutation=_floats(mutation), recombination=recombination, seed=seed,
+                        init=init, init_text=init_text),
+            train_presentations=train_pres, heldout_presentations=heldout_pres)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    rt = _runtime(model, device, dtype)
+    from .registry import Registry, RegistryError
+
+    try:
+        outcome = train(rt, target, settings, Registry(adapters_dir), checkpoint_dir=checkpoint_dir, resume=resume,
+                        echo=lambda m: click.echo(m, err=True))
+    except (ValueError, RegistryError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(outcome.report, indent=2))
+    else:
+        click.echo(outcome.table)
+        click.echo(f"\nsaved {outcome.adapter.ref} -> {outcome.adapter.path}"
+                   + (" (interrupted: best prompt so far)" if outcome.report["interrupted"] else ""))
 
 
 def _load_adapter(name: str, adapters_dir: Path, rt):

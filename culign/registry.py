@@ -40,6 +40,7 @@ SAVED_DTYPE = "float32"
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+HIGH_WATER_FILE = ".last-version"  # highest version ever published in a region, so numbers are never reused
 STALE_AFTER_S = 3600.0
 MAX_HEADER_BYTES = 1 << 20  # a one-tensor safetensors header is ~100 bytes; anything huge is garbage
 SAFETENSORS_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -128,7 +129,8 @@ def _check_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
     checked = {}
     for name, data in (files or {}).items():
         if not isinstance(name, str) or not EXTRA_FILE_RE.fullmatch(name) or name in RESERVED_FILES:
-            raise ValueError(f"invalid extra file name {name!r}: a plain file name, not one of {sorted(RESERVED_FILES)}")
+            raise ValueError(f"invalid extra file name {name!r}: use a plain file name, "
+                             f"not one of {sorted(RESERVED_FILES)}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"extra file {name!r} must be bytes, got {type(data).__name__}")
         checked[name] = bytes(data)
@@ -302,17 +304,49 @@ def _pause_for_tests() -> None:
 
 
 def _sweep_stale(region_dir: Path) -> None:
-    """Remove dot-folders left by saves or removals killed over an hour ago (younger ones may still be running)."""
+    """Remove temp and trash entries left by saves or removals killed over an hour ago (younger ones may be live)."""
     cutoff = time.time() - STALE_AFTER_S
     for entry in region_dir.iterdir():
         if not entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
             continue
         try:
-            if entry.is_dir() and not entry.is_symlink() and entry.stat().st_mtime < cutoff:
-                log.info("removing stale %s", entry)
+            if entry.is_symlink() or entry.stat().st_mtime >= cutoff:
+                continue
+            log.info("removing stale %s", entry)
+            if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
         except OSError:
             pass  # another process swept it first
+
+
+def _high_water(region_dir: Path) -> int:
+    try:
+        return max(0, int((region_dir / HIGH_WATER_FILE).read_text().strip()))
+    except (OSError, ValueError):
+        return 0
+
+
+def _raise_high_water(region_dir: Path, version: int) -> None:
+    """Record that ``version`` was published, so a removed version's number is never given to other content.
+
+    Servers cache adapters by REGION@version; reusing a number would serve a stale prompt. Best effort between
+    concurrent writers: the versions on disk are always counted too, so a lost update can only matter for a
+    version that is also removed within the same instant.
+    """
+    if version <= _high_water(region_dir):
+        return
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=region_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{version}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, region_dir / HIGH_WATER_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _versions_on_disk(region_dir: Path) -> list[int]:
@@ -412,10 +446,13 @@ class Registry:
         """Rename the finished temp folder to the next free version, stamping that version into culign.json.
 
         A concurrent writer may take the number between our look and our rename: the rename then fails
-        (the target is a non-empty folder) and we try the next number. Existing versions are never replaced.
+        (the target is a non-empty folder) and we try the next number. Existing versions are never replaced,
+        and numbers of removed versions are not reused.
         """
+        version = 0
         for _ in range(1000):
-            version = max(_versions_on_disk(region_dir), default=0) + 1
+            # Past the last number tried too: a stray file or empty folder under that name must not stall us.
+            version = max(max(_versions_on_disk(region_dir), default=0), _high_water(region_dir), version) + 1
             target = region_dir / str(version)
             _write_durably(tmp / PROVENANCE_FILE, _dumps({**stamped, "region": region_dir.name, "version": version}),
                            replace=True)
@@ -429,6 +466,7 @@ class Registry:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     continue
                 raise
+            _raise_high_water(region_dir, version)
             _fsync_dir(region_dir)
             return target
         raise RegistryError(f"adapter {region_dir.name}@?: no free version number after 1000 attempts")
@@ -539,8 +577,9 @@ class Registry:
     def remove(self, region: str, version: int | None = None) -> list[AdapterInfo]:
         """Remove one version, or every version when version is None (unreadable ones too).
 
-        Each version is renamed to a dot-folder first, so readers see it whole or not at all. Returns what was
-        removed; an unreadable version is reported with empty metadata.
+        Each version is renamed to a dot-folder first, so readers see it whole or not at all. The region folder
+        stays, holding the highest number used, so a later save never reuses a removed version's number. Returns
+        what was removed; an unreadable version is reported with empty metadata.
         """
         _check_version(version)
         region_dir = self._existing_region_dir(_check_region(region))
@@ -550,13 +589,9 @@ class Registry:
                                   self.regions())
         if not on_disk:
             raise self._not_found(f"adapter {region_dir.name} has no versions")
-        removed = [self._remove_version(region_dir, v) for v in ([version] if version is not None else on_disk)]
-        if version is None:
-            try:
-                region_dir.rmdir()  # only succeeds when empty: a concurrent save's temp folder keeps it alive
-            except OSError:
-                pass
-        return removed
+        doomed = [version] if version is not None else on_disk
+        _raise_high_water(region_dir, max(doomed))  # also covers versions not published by save (copied in)
+        return [self._remove_version(region_dir, v) for v in doomed]
 
     def _remove_version(self, region_dir: Path, version: int) -> AdapterInfo:
         ref = f"{region_dir.name}@{version}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 from .survey import DIMENSIONS, SurveyResult, l1_loss
 from .targets import Target
@@ -56,8 +56,8 @@ def format_table(target: Target, rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def radar_chart(target: Target, rows: Sequence[Row], path: Path) -> Path:
-    """Target vs each row on the six dimensions, written as a PNG."""
+def radar_chart(target: Target, rows: Sequence[Row], out: Path | BinaryIO) -> None:
+    """Target vs each row on the six dimensions, written as a PNG (to a path or a binary stream)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display here or on servers
@@ -79,7 +79,5 @@ def radar_chart(target: Target, rows: Sequence[Row], path: Path) -> Path:
     ax.set_title(f"Hofstede indices: {target.name}")
     ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
-    return path
