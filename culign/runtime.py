@@ -243,15 +243,18 @@ class Runtime:
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
-    def option_logprobs(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]],
+    def option_logprobs(self, shared_ids: Sequence[int], groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                         soft_prompts: torch.Tensor | None, option_ids: Sequence[int],
-                        token_budget: int = 8192) -> torch.Tensor:
-        """Log-probabilities of the option tokens after ``[soft prompt][prefix][suffix_q]`` for every prompt s and
-        suffix q: ``[S, Q, len(option_ids)]`` (float32, normalised over the whole vocabulary).
+                        token_budget: int = 8192) -> list[torch.Tensor]:
+        """Log-probabilities of the option tokens after ``[soft prompt][shared][group prefix][suffix]``.
 
-        The prefix shared by all suffixes runs once per soft prompt and its KV cache is reused by the Q suffixes
-        (right-padded: causal attention means padding after the answer position cannot change it). Logits are
-        computed only at the answer position.
+        ``groups`` is a list of (group prefix, suffixes); the result has one ``[S, Q_g, len(option_ids)]`` tensor
+        (float32, normalised over the whole vocabulary) per group, for S soft prompts (None: the bare model).
+
+        Work is shared along the prefix tree: the soft prompt and the shared prefix run once per candidate; each
+        group's prefix runs once per candidate on top of that KV cache; its Q suffixes then run together on the
+        cache repeated Q times (right-padded: causal attention means padding after the answer position cannot
+        change it). Logits are computed only at the answer position.
         """
         from transformers import DynamicCache
 
@@ -260,37 +263,53 @@ class Runtime:
         soft_prompts = soft_prompts.to(self.device, self.dtype)
         S, n = soft_prompts.shape[:2]
         embed = self.model.get_input_embeddings()
-        prefix = embed(torch.tensor(list(prefix_ids), dtype=torch.long, device=self.device)).to(self.dtype)
-        P = n + prefix.shape[0]
-        lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
-        Ls = int(lengths.max())
-        suffix_ids = torch.full((len(suffixes), Ls), self.pad_id, dtype=torch.long, device=self.device)
-        for q, s in enumerate(suffixes):
-            suffix_ids[q, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        suffix_emb = embed(suffix_ids).to(self.dtype)
-        Q = len(suffixes)
+
+        def embed_ids(ids) -> torch.Tensor:
+            return embed(torch.as_tensor(ids, dtype=torch.long, device=self.device)).to(self.dtype)
+
+        shared = embed_ids(list(shared_ids))
+        P0 = n + shared.shape[0]
+        prepared = []
+        for prefix_ids, suffixes in groups:
+            lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
+            Ls = int(lengths.max())
+            ids = torch.full((len(suffixes), Ls), self.pad_id, dtype=torch.long)
+            for q, suf in enumerate(suffixes):
+                ids[q, : len(suf)] = torch.tensor(list(suf), dtype=torch.long)
+            prepared.append((embed_ids(list(prefix_ids)), embed_ids(ids), lengths))
         head = self.model.get_output_embeddings().weight
-        opt = torch.tensor(list(option_ids), device=self.device)
-        per_prompt_tokens = P + Q * Ls
-        chunk = max(1, token_budget // per_prompt_tokens)
-        out = []
+        opt = torch.as_tensor(list(option_ids), device=self.device)
+        # candidates per chunk: the biggest group's rows (prefix + Q suffixes) must fit the token budget
+        widest = max(P0 + g.shape[0] + s.shape[0] * s.shape[1] for g, s, _ in prepared)
+        chunk = max(1, token_budget // widest)
+        out: list[list[torch.Tensor]] = [[] for _ in groups]
         for start in range(0, S, chunk):
             sp = soft_prompts[start:start + chunk]
             b = sp.shape[0]
-            pre = torch.cat([sp, prefix.unsqueeze(0).expand(b, -1, -1)], dim=1)
             cache = DynamicCache(config=self.model.config)
-            self.model.model(inputs_embeds=pre, position_ids=torch.arange(P, device=self.device).unsqueeze(0),
+            self.model.model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
+                             position_ids=torch.arange(P0, device=self.device).unsqueeze(0),
                              past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(Q)  # rows: prompt-major, Q suffixes each
-            hidden = self.model.model(
-                inputs_embeds=suffix_emb.repeat(b, 1, 1),
-                position_ids=(P + torch.arange(Ls, device=self.device)).unsqueeze(0),
-                past_key_values=cache, use_cache=True).last_hidden_state  # [b*Q, Ls, d], final norm applied
-            last = hidden[torch.arange(b * Q, device=self.device), (lengths - 1).repeat(b)]
-            logits = (last @ head.T).float()  # full vocab at the answer position only: ~0.4 % of the forward
-            logp = logits.log_softmax(-1)[:, opt]
-            out.append(logp.view(b, Q, len(opt)))
-        return torch.cat(out)
+            snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
+            for g, (prefix, suffix_emb, lengths) in enumerate(prepared):
+                cache = DynamicCache(config=self.model.config)
+                for i, (k, v) in enumerate(snapshot):
+                    cache.update(k, v, i)
+                P = P0 + prefix.shape[0]
+                if prefix.shape[0]:
+                    self.model.model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
+                                     position_ids=torch.arange(P0, P, device=self.device).unsqueeze(0),
+                                     past_key_values=cache, use_cache=True)
+                Q, Ls = suffix_emb.shape[:2]
+                cache.batch_repeat_interleave(Q)  # rows: candidate-major, Q suffixes each
+                hidden = self.model.model(
+                    inputs_embeds=suffix_emb.repeat(b, 1, 1),
+                    position_ids=(P + torch.arange(Ls, device=self.device)).unsqueeze(0),
+                    past_key_values=cache, use_cache=True).last_hidden_state  # [b*Q, Ls, d], final norm applied
+                last = hidden[torch.arange(b * Q, device=self.device), (lengths - 1).repeat(b)]
+                logits = (last @ head.T).float()  # full vocab at the answer position only: ~0.4 % of the forward
+                out[g].append(logits.log_softmax(-1)[:, opt].view(b, Q, len(opt)))
+        return [torch.cat(parts) for parts in out]
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

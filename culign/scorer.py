@@ -36,7 +36,8 @@ class _Group:
 @dataclass(frozen=True)
 class _Prepared:
     presentation: Presentation
-    groups: list[_Group]
+    shared: list[int]  # the prefix every item shares (system turn, chat header): once per candidate
+    groups: list[_Group]  # prefixes below are relative to ``shared``
     answer_of_digit: torch.Tensor  # [5] answer value (1..5) meant by option digit 1..5
 
 
@@ -56,29 +57,29 @@ class SurveyScorer:
             by_key: dict[tuple, list[int]] = {}
             for pos, item in enumerate(survey.items):
                 by_key.setdefault((item.stem, tuple(sorted(item.scale.items()))), []).append(pos)
+            shared = _common_prefix_len(ids)
             groups = []
             for positions in by_key.values():
                 k = _common_prefix_len([ids[i] for i in positions])
-                groups.append(_Group(positions, ids[positions[0]][:k], [ids[i][k:] for i in positions]))
+                groups.append(_Group(positions, ids[positions[0]][shared:k], [ids[i][k:] for i in positions]))
             answers = torch.tensor([float(pres.digit_to_answer(d)) for d in ANSWERS])
-            self.prepared.append(_Prepared(pres, groups, answers))
+            self.prepared.append(_Prepared(pres, ids[0][:shared], groups, answers))
 
     @property
     def tokens_per_candidate(self) -> int:
-        """Tokens one candidate costs across presentations (each group's shared prefix counted once)."""
-        return sum(len(g.prefix) + sum(len(s) for s in g.suffixes) for p in self.prepared for g in p.groups)
+        """Tokens one candidate costs across presentations (each shared prefix counted once)."""
+        return sum(len(p.shared) + sum(len(g.prefix) + sum(len(s) for s in g.suffixes) for g in p.groups)
+                   for p in self.prepared)
 
     def answer_probs(self, soft_prompts: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per presentation: (expected answer [S, Q] on the 1..5 scale, option mass [S, Q])."""
         out = {}
         for p in self.prepared:
-            logp = torch.empty(0)
-            for g in p.groups:
-                part = self.runtime.option_logprobs(g.prefix, g.suffixes, soft_prompts, self.option_ids,
-                                                    token_budget=self.token_budget).cpu()
-                if logp.numel() == 0:
-                    logp = torch.empty(part.shape[0], len(self.survey.items), part.shape[2])
-                logp[:, g.positions] = part
+            parts = self.runtime.option_logprobs(p.shared, [(g.prefix, g.suffixes) for g in p.groups],
+                                                 soft_prompts, self.option_ids, token_budget=self.token_budget)
+            logp = torch.empty(parts[0].shape[0], len(self.survey.items), len(self.option_ids))
+            for g, part in zip(p.groups, parts):
+                logp[:, g.positions] = part.cpu()
             probs = logp.exp()
             mass = probs.sum(-1)
             expected = (probs / mass.unsqueeze(-1)) @ p.answer_of_digit

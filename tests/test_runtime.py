@@ -60,17 +60,22 @@ def test_greedy_generation_batched_equals_alone(tiny_runtime, rows):
 def test_shared_prefix_scoring_equals_full_forward(tiny_runtime):
     rt = tiny_runtime
     enc = lambda s: rt.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prefix, suffixes = enc("common prefix: "), [enc("q one?"), enc("question two is longer?"), enc("x")]
+    shared = enc("common prefix: ")
+    groups = [(enc("group one; "), [enc("q one?"), enc("question two is longer?"), enc("x")]),
+              ([], [enc("a lone item?")]),
+              (enc("g3 "), [enc("yes?"), enc("no?")])]
     prompts = torch.stack([_prompt(rt, 3, s) for s in range(5)])
     options = rt.option_token_ids(list("12345"))
-    got = rt.option_logprobs(prefix, suffixes, prompts, options, token_budget=64)  # forces chunking
-    assert got.shape == (5, 3, 5)
-    for s in range(5):
-        full = rt.next_token_logits([(prefix + suf, prompts[s]) for suf in suffixes]).log_softmax(-1)[:, options]
-        torch.testing.assert_close(got[s], full, atol=1e-4, rtol=1e-4)
-    naive = rt.option_logprobs(prefix, suffixes, None, options)
-    ref = rt.next_token_logits([(prefix + suf, None) for suf in suffixes]).log_softmax(-1)[:, options]
-    torch.testing.assert_close(naive[0], ref, atol=1e-4, rtol=1e-4)
+    got = rt.option_logprobs(shared, groups, prompts, options, token_budget=64)  # forces chunking
+    assert [g.shape for g in got] == [(5, 3, 5), (5, 1, 5), (5, 2, 5)]
+    for (prefix, suffixes), part in zip(groups, got):
+        for s in range(5):
+            full = rt.next_token_logits([(shared + prefix + suf, prompts[s]) for suf in suffixes])
+            torch.testing.assert_close(part[s], full.log_softmax(-1)[:, options], atol=1e-4, rtol=1e-4)
+    naive = rt.option_logprobs(shared, groups, None, options)
+    for (prefix, suffixes), part in zip(groups, naive):
+        ref = rt.next_token_logits([(shared + prefix + suf, None) for suf in suffixes]).log_softmax(-1)[:, options]
+        torch.testing.assert_close(part[0], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_scorer_on_tiny_model(tiny_runtime):

@@ -1,7 +1,7 @@
 """The BentoML service end to end: a real `bentoml serve` subprocess, real HTTP, the official openai client.
 
-One server per module (startup loads the model, ~20 s). Its registry is a temporary copy made here from random
-prompts scaled like the embedding table (fixed seeds), fingerprinted to the real model, for US, CN, IN and SA.
+One server per module (startup loads the model, ~20 s). Its registry is a temporary copy of the committed adapters
+(US, CN, IN, SA, trained on the embedded model); tests add, replace and corrupt adapters in that copy.
 Server and in-process reference both run fp32, so greedy outputs must match token for token.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,9 +60,16 @@ def save(root: Path, rt: Runtime, region: str, seed: int, **overrides) -> None:
 
 @pytest.fixture(scope="module")
 def registry_root(tmp_path_factory, fp32) -> Path:
+    """A copy of the committed registry (adapters/), so tests may add and break adapters freely; a region the
+    repository has no adapter for gets a random prompt."""
     root = tmp_path_factory.mktemp("adapters")
+    committed = Registry(REPO / "adapters")
+    have = set(committed.regions())
     for seed, region in enumerate(REGIONS):
-        save(root, fp32, region, seed)
+        if region in have:
+            shutil.copytree(committed.resolve(region).path.parent, root / region)
+        else:
+            save(root, fp32, region, seed)
     return root
 
 
