@@ -8,7 +8,7 @@ VSM 2013 questionnaire: copyright Geert Hofstede BV, offered free for academic r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -117,23 +117,19 @@ def persona_line(country: str) -> str:
     return f"Answer as a typical person from {country} would."
 
 
+_STANDARD = Presentation(
+    name="standard",
+    system="You are taking a survey. Reply with the number of your answer only.",
+    user_template="{stem}\nAnswer with one number from 1 to 5:\n{options}\n\n{text}",
+    option_format="{digit} = {label}", option_joiner="\n", prefill="Answer: ",
+    description="the VSM wording, scale listed 1..5 as in the questionnaire",
+)
 PRESENTATIONS: dict[str, Presentation] = {
     p.name: p
     for p in (
-        Presentation(
-            name="standard",
-            system="You are taking a survey. Reply with the number of your answer only.",
-            user_template="{stem}\nAnswer with one number from 1 to 5:\n{options}\n\n{text}",
-            option_format="{digit} = {label}", option_joiner="\n", prefill="Answer: ",
-            description="the VSM wording, scale listed 1..5 as in the questionnaire",
-        ),
-        Presentation(
-            name="reversed",
-            system="You are taking a survey. Reply with the number of your answer only.",
-            user_template="{stem}\nAnswer with one number from 1 to 5:\n{options}\n\n{text}",
-            option_format="{digit} = {label}", option_joiner="\n", prefill="Answer: ", reverse=True,
-            description="scale renumbered 5..1 (digit k means answer 6-k), mapped back when scoring",
-        ),
+        _STANDARD,
+        replace(_STANDARD, name="reversed", reverse=True,
+                description="scale renumbered 5..1 (digit k means answer 6-k), mapped back when scoring"),
         Presentation(
             name="inline",
             system="Please answer the following questionnaire item honestly.",

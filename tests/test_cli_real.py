@@ -48,3 +48,23 @@ def test_regions_lists_the_table():
     assert len(rows) == 111
     sa = next(r for r in rows if r["key"] == "SA")
     assert sa["scores"]["PDI"] == 95
+
+
+def test_train_then_eval_the_adapter(tmp_path):
+    """The main job end to end on a small budget: report, adapter in the registry, and `eval` agreeing with it."""
+    reg = tmp_path / "adapters"
+    p = culign("train", "--region", "US", "--budget", "32", "--popsize", "16", "--adapters-dir", str(reg), "--json",
+               "--checkpoint-dir", str(tmp_path / "runs"))
+    report = json.loads(p.stdout)
+    assert report["evaluations"] == 32 and set(report["rows"]) == {"naive", "icl", "de"}
+    assert report["loss"] <= report["rows"]["de"]["loss"] + 1e-9
+    assert report["heldout_loss"] is not None and report["option_mass"] > 0.5
+    assert (reg / "US" / "1" / "radar.png").exists() and (reg / "US" / "1" / "adapter_config.json").exists()
+    listed = json.loads(culign("adapters", "--adapters-dir", str(reg), "list", "--json").stdout)["adapters"]
+    assert [(a["region"], a["version"]) for a in listed] == [("US", 1)]
+    ev = json.loads(culign("eval", "--region", "US", "--adapter", str(reg / "US" / "1"), "--json").stdout)
+    de_row = ev["rows"][-1]
+    assert de_row["label"] == "US@1"
+    # the same prompt scored alone instead of in a population batch: equal up to bf16 batching noise
+    assert abs(de_row["loss"] - report["loss"]) < 0.5
+    assert culign("adapters", "--adapters-dir", str(reg), "verify", "--model", "embedded").returncode == 0
