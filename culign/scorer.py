@@ -15,6 +15,8 @@ import torch
 from .runtime import Runtime
 from .survey import ANSWERS, DEFAULT_CONSTANT, Presentation, Survey, SurveyResult, get_presentation, summarize
 
+DEFAULT_BLOCK = 16  # candidates per forward: the fastest size measured on SmolLM2 / 2 CPU cores (8: -13 %, 32: -3 %)
+
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     n = min(len(s) for s in seqs)
@@ -46,9 +48,10 @@ class SurveyScorer:
 
     def __init__(self, runtime: Runtime, survey: Survey, presentations: Sequence[str | Presentation] = ("standard",),
                  persona: str | None = None, constants: Mapping[str, float] | float = DEFAULT_CONSTANT,
-                 token_budget: int | None = None):
+                 block: int | None = None):
         self.runtime, self.survey, self.persona, self.constants = runtime, survey, persona, constants
-        self.token_budget = token_budget or int(os.environ.get("CULIGN_TOKEN_BUDGET", 8192))
+        # candidates per forward; fixed, so that scores do not depend on how many candidates are scored together
+        self.block = block or int(os.environ.get("CULIGN_SCORE_BLOCK", DEFAULT_BLOCK))
         self.option_ids = runtime.option_token_ids([str(d) for d in ANSWERS])
         self.prepared: list[_Prepared] = []
         for p in presentations:
@@ -76,7 +79,7 @@ class SurveyScorer:
         out = {}
         for p in self.prepared:
             parts = self.runtime.option_logprobs(p.shared, [(g.prefix, g.suffixes) for g in p.groups],
-                                                 soft_prompts, self.option_ids, token_budget=self.token_budget)
+                                                 soft_prompts, self.option_ids, block=self.block)
             logp = torch.empty(parts[0].shape[0], len(self.survey.items), len(self.option_ids))
             for g, part in zip(p.groups, parts):
                 logp[:, g.positions] = part.cpu()
