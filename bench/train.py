@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    rt = Runtime.load()
+    rt = Runtime.load(scoring=True)  # float32, as `culign train` scores
     target = resolve(args.region)
     cfg = DEConfig(budget=args.budget, popsize=args.popsize, seed=args.seed)
     scorer = SurveyScorer(rt, Survey.load(), ["standard"])

@@ -27,12 +27,12 @@ def _target(region: str | None, target_spec: str | None, saudi_variant: str, nam
         raise click.BadParameter(str(e), param_hint="--target" if target_spec else "--region") from None
 
 
-def _runtime(model, device, dtype):
+def _runtime(model, device, dtype, scoring: bool = True):
     from .runtime import ModelLoadError, Runtime
 
     try:
         with _status(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}"):
-            return Runtime.load(model, device=device, dtype=dtype)
+            return Runtime.load(model, device=device, dtype=dtype, scoring=scoring)
     except (ModelLoadError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -56,8 +56,9 @@ class _status:
 
 
 def model_options(f):
-    f = click.option("--dtype", default=None, help="bfloat16 | float32 | float16 | auto (default: bf16 on CPU/GPU, "
-                     "~4x faster than fp32 for matmuls on this CPU). Env CULIGN_DTYPE.")(f)
+    f = click.option("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (default: float32. bf16 is "
+                     "faster, but its rounding moves the indices by 1-3 points, as much as a soft prompt's effect, "
+                     "and DE then tunes to the noise). Env CULIGN_DTYPE.")(f)
     f = click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available). "
                      "Env CULIGN_DEVICE.")(f)
     f = click.option("--model", default=None, metavar="ID_OR_DIR",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -83,8 +84,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
-    # bf16 matmuls run ~4x faster than fp32 on this CPU (AVX512-BF16/AMX) and natively on recent GPUs.
+def default_dtype(device: str, scoring: bool = False) -> torch.dtype:
+    """float32 for survey scoring on every device; for generation, bf16 where it is fast.
+
+    Scoring reads small differences between option-token probabilities. In bf16 the rounding of a forward pass moves an
+    expected answer by ~0.03 (1-3 index points) for a perturbation of the prompt as small as 1e-3 of its range,
+    and by as much again for another batch size: as large as a soft prompt's real effect, so DE would select rounding
+    luck (measured on SmolLM2: bf16 DE stalled at its initial population; fp32 moves 0.0001 for that perturbation).
+    Generation is not that sensitive, and bf16 matmuls run ~8x faster than fp32 on this CPU (AMX) and on GPUs.
+    """
+    if scoring:
+        return torch.float32
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "cpu":
@@ -92,9 +102,9 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype | None, device: str, scoring: bool = False) -> torch.dtype:
     if name is None or name == "auto":
-        return default_dtype(device)
+        return default_dtype(device, scoring)
     if isinstance(name, torch.dtype):
         return name
     try:
@@ -146,22 +156,27 @@ class Runtime:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         eos = tokenizer.eos_token_id
         self.stop_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        # transformers 5.2x renamed forward's past_key_values to cache (the old name warns, and will go)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:
             self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, model: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None
-             ) -> "Runtime":
-        """Load the embedded default (model None), an HF hub id (from the local HF cache) or a local folder."""
+    def load(cls, model: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
+             scoring: bool = False) -> "Runtime":
+        """Load the embedded default (model None), an HF hub id (from the local HF cache) or a local folder.
+
+        ``scoring``: the runtime is for survey scoring (eval, train), whose default dtype is float32.
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # culign shows its own progress; per-tensor bars are noise
         model = model or os.environ.get("CULIGN_MODEL") or None
         device = device or os.environ.get("CULIGN_DEVICE") or default_device()
-        torch_dtype = parse_dtype(dtype or os.environ.get("CULIGN_DTYPE"), device)
+        torch_dtype = parse_dtype(dtype or os.environ.get("CULIGN_DTYPE"), device, scoring)
         if model in (None, "", EMBEDDED_ID, EMBEDDED_NAME, "embedded"):
             path, name = embedded_model_dir(), EMBEDDED_ID
         else:
@@ -175,6 +190,9 @@ class Runtime:
         lm.to(device)
         log.info("loaded %s on %s in %s (%.1f s)", name, device, torch_dtype, time.perf_counter() - t0)
         return cls(lm, tok, name, device, torch_dtype)
+
+    def _kv(self, cache) -> dict:
+        return {self._cache_kw: cache}
 
     @property
     def fingerprint(self) -> str:
@@ -297,7 +315,7 @@ class Runtime:
             cache = DynamicCache(config=self.model.config)
             self.model.model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
                              position_ids=torch.arange(P0, device=self.device).unsqueeze(0),
-                             past_key_values=cache, use_cache=True)
+                             **self._kv(cache), use_cache=True)
             snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
             for g, (prefix, suffix_emb, lengths) in enumerate(prepared):
                 cache = DynamicCache(config=self.model.config)
@@ -307,13 +325,13 @@ class Runtime:
                 if prefix.shape[0]:
                     self.model.model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
                                      position_ids=torch.arange(P0, P, device=self.device).unsqueeze(0),
-                                     past_key_values=cache, use_cache=True)
+                                     **self._kv(cache), use_cache=True)
                 Q, Ls = suffix_emb.shape[:2]
                 cache.batch_repeat_interleave(Q)  # rows: candidate-major, Q suffixes each
                 hidden = self.model.model(
                     inputs_embeds=suffix_emb.repeat(b, 1, 1),
                     position_ids=(P + torch.arange(Ls, device=self.device)).unsqueeze(0),
-                    past_key_values=cache, use_cache=True).last_hidden_state  # [b*Q, Ls, d], final norm applied
+                    **self._kv(cache), use_cache=True).last_hidden_state  # [b*Q, Ls, d], final norm applied
                 last = hidden[torch.arange(b * Q, device=self.device), (lengths - 1).repeat(b)]
                 logits = (last @ head.T).float()  # full vocab at the answer position only: ~0.4 % of the forward
                 out[g].append(logits.log_softmax(-1)[:, opt].view(b, Q, len(opt))[:real])
@@ -344,7 +362,7 @@ class Runtime:
         produced = [0] * B
         cache = DynamicCache(config=self.model.config)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **self._kv(cache), use_cache=True, logits_to_keep=1)
         next_pos = positions[:, -1:] + 1
         while not all(done):
             logits = out.logits[:, -1].float()
@@ -363,7 +381,7 @@ class Runtime:
                 break
             ids = torch.tensor([[t if t is not None else self.pad_id] for t in step], device=self.device)
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=next_pos, **self._kv(cache),
                              use_cache=True, logits_to_keep=1)
             next_pos = next_pos + 1
 

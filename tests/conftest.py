@@ -53,7 +53,8 @@ def tiny_runtime(tiny_model):
 
 @pytest.fixture(scope="session")
 def real_runtime():
-    """The embedded SmolLM2-135M-Instruct (bf16, as users run it), converted from the wheel's GGUF on first use."""
+    """The embedded SmolLM2-135M-Instruct in float32, as `culign eval` and `train` score (converted from the wheel's
+    GGUF on first use)."""
     from culign.runtime import Runtime
 
-    return Runtime.load()
+    return Runtime.load(scoring=True)

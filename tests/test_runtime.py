@@ -96,6 +96,8 @@ def test_scorer_on_tiny_model(tiny_runtime):
 
 def test_dtype_and_fingerprint(tiny_runtime):
     assert parse_dtype("auto", "cpu") == torch.bfloat16 and parse_dtype("fp32", "cpu") == torch.float32
+    assert parse_dtype(None, "cpu", scoring=True) == torch.float32  # survey scoring: float32 on every device
+    assert parse_dtype("bf16", "cpu", scoring=True) == torch.bfloat16  # unless asked otherwise
     with pytest.raises(ValueError):
         parse_dtype("int3", "cpu")
     fp = weights_fingerprint(tiny_runtime.model)
