@@ -3,9 +3,10 @@
 Compared in the same run against
   (a) a naive peer: one `generate` per item, the answer parsed from the text (what a generate-and-parse loop does);
   (b) culign's batched forward WITHOUT the shared-prefix KV cache (every item's full prompt, logits at the end);
-  (c) the machine's own bf16 matmul rate, to report achieved GFLOP/s (2 x params x tokens) as a fraction of it.
+  (c) the machine's own matmul rate in the same dtype, to report achieved GFLOP/s (2 x params x tokens) as a fraction.
+Run in float32 (the scoring default) and in bfloat16.
 
-    python bench/score.py [--candidates 32] [--tokens 8] [--naive-candidates 1]
+    python bench/score.py [--candidates 32] [--tokens 8] [--naive-candidates 1] [--dtype float32 --dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -33,14 +34,9 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int) -> float:
     return 2 * m * k * n / timed(lambda: a @ b, repeat=10) / 1e9
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--candidates", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=8, help="virtual tokens per soft prompt")
-    ap.add_argument("--naive-candidates", type=int, default=1)
-    args = ap.parse_args()
-
-    rt = Runtime.load()  # bf16 on CPU, as training runs
+def measure(dtype: str, args) -> dict:
+    """Scoring speed in one dtype: culign vs the unshared batched forward vs the generate-and-parse peer."""
+    rt = Runtime.load(dtype=dtype, scoring=True)
     survey = Survey.load()
     scorer = SurveyScorer(rt, survey, ["standard"])
     g = torch.Generator().manual_seed(0)
@@ -48,24 +44,19 @@ def main() -> None:
     prompts = torch.randn(args.candidates, args.tokens, rt.hidden_size, generator=g) * std
     params = sum(p.numel() for p in rt.model.parameters())
     embed = rt.embedding_matrix.numel()
-    print(f"model {rt.name} ({params / 1e6:.0f}M params, {embed / 1e6:.0f}M of them the tied embedding), "
-          f"{rt.dtype}, {torch.get_num_threads()} threads")
 
-    # culign: shared-prefix KV cache, logits at the answer position only
+    # culign: shared-prefix KV cache, fixed blocks of candidates, logits at the answer position only
     t_culign = timed(lambda: scorer.score(prompts))
     groups = sum(len(p.groups) for p in scorer.prepared)
     tokens = args.candidates * (scorer.tokens_per_candidate + groups * args.tokens)
-    rate = args.candidates / t_culign
 
-    # (b) batched forward of every item's full prompt (no prefix sharing)
+    # (b) batched forward of every item's full prompt (no prefix sharing), blocks of `scorer.block` candidates
     pres = scorer.prepared[0].presentation
     full_ids = [rt.chat_ids(pres.messages(it), pres.prefill) for it in survey.items]
-    per = max(1, 8192 // (24 * 130))
 
     def no_sharing():
-        for s in range(0, args.candidates, per):
-            rows = [(ids, p) for p in prompts[s:s + per] for ids in full_ids]
-            rt.next_token_logits(rows)
+        for s in range(0, args.candidates, scorer.block):
+            rt.next_token_logits([(ids, p) for p in prompts[s:s + scorer.block] for ids in full_ids])
 
     t_full = timed(no_sharing)
     full_tokens = args.candidates * sum(len(i) + args.tokens for i in full_ids)
@@ -83,25 +74,51 @@ def main() -> None:
     t0 = time.perf_counter()
     parsed = naive()
     t_naive = time.perf_counter() - t0
-    naive_rate = args.naive_candidates / t_naive
+    torch_dtype = rt.dtype
+    mm = max(matmul_gflops(torch_dtype, 4096, 576, 1536), matmul_gflops(torch_dtype, 2048, 2048, 2048))
+    return {"dtype": str(torch_dtype).removeprefix("torch."), "rate": args.candidates / t_culign,
+            "tokens": tokens / args.candidates, "full_rate": args.candidates / t_full,
+            "full_tokens": full_tokens / args.candidates, "naive_rate": args.naive_candidates / t_naive,
+            "unparseable": sum(a is None for a in parsed), "asked": len(parsed), "matmul": mm,
+            "achieved": 2 * params * tokens / t_culign / 1e9,
+            "achieved_strict": 2 * (params - embed) * tokens / t_culign / 1e9,
+            "params": params, "embed": embed, "block": scorer.block}
 
-    mm = max(matmul_gflops(torch.bfloat16, 4096, 576, 1536), matmul_gflops(torch.bfloat16, 2048, 2048, 2048))
-    mm32 = matmul_gflops(torch.float32, 2048, 2048, 2048)
-    achieved = 2 * params * tokens / t_culign / 1e9
-    achieved_strict = 2 * (params - embed) * tokens / t_culign / 1e9
 
-    print(f"\n{'method':<44}{'cand/s':>9}{'tokens/cand':>13}{'vs naive':>10}")
-    print(f"{'naive peer: generate + parse per item':<44}{naive_rate:>9.3f}{'':>13}{1.0:>10.1f}x"
-          f"   ({sum(a is None for a in parsed)}/{len(parsed)} unparseable)")
-    print(f"{'batched forward, no prefix sharing':<44}{args.candidates / t_full:>9.3f}"
-          f"{full_tokens / args.candidates:>13.0f}{args.candidates / t_full / naive_rate:>10.1f}x")
-    print(f"{'culign: shared-prefix cache, option logits':<44}{rate:>9.3f}{tokens / args.candidates:>13.0f}"
-          f"{rate / naive_rate:>10.1f}x")
-    print(f"\nmatmul rate in this run: bf16 {mm:.0f} GFLOP/s, fp32 {mm32:.0f} GFLOP/s")
-    print(f"culign achieved {achieved:.0f} GFLOP/s (2 x all params x tokens) = {achieved / mm:.0%} of the bf16 "
-          f"matmul rate; {achieved_strict:.0f} GFLOP/s = {achieved_strict / mm:.0%} counting non-embedding params")
-    print(f"ratios: {rate / naive_rate:.1f}x the naive peer (goal >= 20x), "
-          f"{t_full / t_culign:.2f}x the unshared batched forward, {achieved / mm:.0%} of bf16 matmul (goal >= 50%)")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--candidates", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=8, help="virtual tokens per soft prompt")
+    ap.add_argument("--naive-candidates", type=int, default=1)
+    ap.add_argument("--dtype", action="append", default=None,
+                    help="dtypes to measure (repeatable; default: float32, the scoring default, and bfloat16)")
+    args = ap.parse_args()
+
+    runs = [measure(d, args) for d in (args.dtype or ["float32", "bfloat16"])]
+    r0 = runs[0]
+    print(f"model SmolLM2-135M-Instruct ({r0['params'] / 1e6:.0f}M params, {r0['embed'] / 1e6:.0f}M of them the tied "
+          f"embedding), {torch.get_num_threads()} threads, {args.candidates} candidates x 24 items, "
+          f"blocks of {r0['block']}")
+    print(f"\n{'dtype':<10}{'method':<44}{'cand/s':>9}{'tokens/cand':>13}{'vs naive':>10}")
+    for r in runs:
+        print(f"{r['dtype']:<10}{'naive peer: generate + parse per item':<44}{r['naive_rate']:>9.3f}{'':>13}"
+              f"{1.0:>10.1f}x   ({r['unparseable']}/{r['asked']} unparseable)")
+        print(f"{'':<10}{'batched forward, no prefix sharing':<44}{r['full_rate']:>9.3f}{r['full_tokens']:>13.0f}"
+              f"{r['full_rate'] / r['naive_rate']:>10.1f}x")
+        print(f"{'':<10}{'culign: shared-prefix cache, option logits':<44}{r['rate']:>9.3f}{r['tokens']:>13.0f}"
+              f"{r['rate'] / r['naive_rate']:>10.1f}x")
+    print()
+    for r in runs:
+        print(f"{r['dtype']}: matmul rate in this run {r['matmul']:.0f} GFLOP/s; culign achieved {r['achieved']:.0f} "
+              f"GFLOP/s (2 x all params x tokens) = {r['achieved'] / r['matmul']:.0%} of it, "
+              f"{r['achieved_strict'] / r['matmul']:.0%} counting non-embedding params only")
+    for r in runs:
+        print(f"ratios ({r['dtype']}): {r['rate'] / r['naive_rate']:.1f}x the naive peer (goal >= 20x), "
+              f"{r['rate'] / r['full_rate']:.2f}x the unshared batched forward, {r['achieved'] / r['matmul']:.0%} of "
+              f"the same-dtype matmul rate (goal >= 50%)")
+    if len(runs) > 1:
+        print(f"bf16 / float32 scoring speed: {runs[-1]['rate'] / runs[0]['rate']:.2f}x (float32 is the default: "
+              "bf16 rounding noise is as large as a soft prompt's effect on the indices; see README)")
 
 
 if __name__ == "__main__":

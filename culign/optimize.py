@@ -41,10 +41,10 @@ class DEConfig:
     tokens: int = field(default=8, metadata={"help": "virtual tokens in the soft prompt"})
     dim: int = field(default=64, metadata={"help": "dimension of the search space z"})
     bound: float = field(default=1.0, metadata={"help": "z lies in [-bound, bound]^dim"})
-    scale: float = field(default=3.0, metadata={"help": "prompt perturbation std for z ~ U(-b, b), in units of "
+    scale: float = field(default=1.0, metadata={"help": "prompt perturbation std for z ~ U(-b, b), in units of "
                                                          "the embedding table's std"})
     popsize: int = field(default=16, metadata={"help": "individuals in the population (not multiplied by dim)"})
-    budget: int = field(default=480, metadata={"help": "candidate evaluations in all, initial population included"})
+    budget: int = field(default=1600, metadata={"help": "candidate evaluations in all, initial population included"})
     strategy: str = field(default="best1bin", metadata={"help": "scipy DE strategy"})
     mutation: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "dithered mutation factor range"})
     recombination: float = field(default=0.7, metadata={"help": "crossover probability"})
@@ -141,6 +141,9 @@ class Objective:
         self.on_batch = on_batch
         self.best_loss, self.best_z, self.best_result = math.inf, None, None
         self.nfev = 0
+        # per index, the lowest and highest value any evaluated prompt gave: a target outside this range is one
+        # DE never got near, which tells "unreachable for this model" apart from "needs more budget"
+        self.seen_range: dict[str, list[float]] = {}
 
     def loss_of(self, r: SurveyResult) -> float:
         # L1 averaged over the training presentations, plus a penalty when the prompt wins by collapsing the
@@ -153,6 +156,10 @@ class Objective:
         z = np.atleast_2d(x.T)  # scipy passes [dim, S]
         results = self.scorer.score(self.space.prompts(z))
         losses = np.array([self.loss_of(r) for r in results])
+        for r in results:
+            for dim, value in r.indices.items():
+                lo, hi = self.seen_range.get(dim, (value, value))
+                self.seen_range[dim] = [min(lo, value), max(hi, value)]
         i = int(np.argmin(losses))
         if losses[i] < self.best_loss:
             self.best_loss, self.best_z, self.best_result = float(losses[i]), z[i].copy(), results[i]
@@ -177,6 +184,7 @@ class Checkpoint:
     best_z: list[float]
     history: list[list[float]]  # [nfev, best loss] per generation
     elapsed_s: float
+    seen_range: dict[str, list[float]] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +209,7 @@ class DEResult:
     elapsed_s: float
     interrupted: bool
     resumed_from: int | None
+    seen_range: dict[str, list[float]]  # index -> [min, max] over every evaluated prompt
 
 
 def run_de(scorer: SurveyScorer, space: PromptSpace, target: dict[str, float], cfg: DEConfig, *,
@@ -233,6 +242,7 @@ def run_de(scorer: SurveyScorer, space: PromptSpace, target: dict[str, float], c
         solver._random_population_index = np.array(ck.sample_order)
         solver._nfev = ck.solver_calls
         objective.nfev, objective.best_loss, objective.best_z = ck.nfev, ck.best_loss, np.array(ck.best_z)
+        objective.seen_range = ck.seen_range
         generation, history, elapsed0, resumed_from = ck.generation, ck.history, ck.elapsed_s, ck.generation
     t0 = time.perf_counter()
     interrupted = False
@@ -247,7 +257,8 @@ def run_de(scorer: SurveyScorer, space: PromptSpace, target: dict[str, float], c
                 Checkpoint(run_key, generation, objective.nfev, int(solver._nfev), solver.population.tolist(),
                            solver.population_energies.tolist(), solver.random_number_generator.bit_generator.state,
                            solver._random_population_index.tolist(),
-                           float(objective.best_loss), list(map(float, best_z)), history, elapsed).save(checkpoint)
+                           float(objective.best_loss), list(map(float, best_z)), history, elapsed,
+                           objective.seen_range).save(checkpoint)
             if on_generation and objective.best_result is not None:
                 on_generation(Progress(generation, objective.nfev, objective.best_loss, objective.best_result,
                                        elapsed))
@@ -257,4 +268,4 @@ def run_de(scorer: SurveyScorer, space: PromptSpace, target: dict[str, float], c
     best_result = objective.best_result or scorer.score(space.prompts(best_z))[0]
     return DEResult(best_z, space.prompts(best_z)[0], objective.loss_of(best_result), best_result,
                     objective.nfev, generation, history, elapsed0 + time.perf_counter() - t0, interrupted,
-                    resumed_from)
+                    resumed_from, objective.seen_range)

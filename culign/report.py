@@ -35,8 +35,9 @@ class Row:
         return d
 
 
-def format_table(target: Target, rows: Sequence[Row]) -> str:
-    """Fixed-width table: one line per row with the six indices, L1 loss, option mass and item spread."""
+def format_table(target: Target, rows: Sequence[Row], seen_range: dict[str, list[float]] | None = None) -> str:
+    """Fixed-width table: one line per row with the six indices, L1 loss, option mass and item spread; with
+    ``seen_range`` (index -> [min, max] over every prompt DE evaluated) also what DE could reach."""
     head = f"{'':<12}" + "".join(f"{d:>7}" for d in DIMENSIONS) + f"{'L1':>8}{'held-out':>10}{'mass':>7}{'spread':>8}"
     lines = [head, "-" * len(head)]
     tgt = "".join(f"{target.scores[d]:>7.0f}" if d in target.scores else f"{'n/a':>7}" for d in DIMENSIONS)
@@ -48,6 +49,14 @@ def format_table(target: Target, rows: Sequence[Row]) -> str:
         errs = "".join(f"{r.result.indices[d] - target.scores[d]:>+7.1f}" if d in target.scores else f"{'':>7}"
                        for d in DIMENSIONS)
         lines.append(f"{'  error':<12}{errs}")
+    if seen_range:
+        lines.append(f"{'DE reached':<12}" + "".join(f"{f'{seen_range[d][0]:.0f}-{seen_range[d][1]:.0f}':>7}"
+                                                    for d in DIMENSIONS))
+        outside = [f"{d} {target.scores[d]:.0f}" for d in DIMENSIONS if d in target.scores
+                   and not seen_range[d][0] <= target.scores[d] <= seen_range[d][1]]
+        if outside:
+            lines.append(f"note: no prompt DE evaluated came near {', '.join(outside)}: the range above is what "
+                         "this model gave; more budget may widen it only a little")
     if target.missing:
         lines.append(f"note: {target.name} has no published score for {', '.join(target.missing)}; "
                      "the loss covers only the other dimensions")
@@ -78,6 +87,29 @@ def radar_chart(target: Target, rows: Sequence[Row], out: Path | BinaryIO) -> No
     ax.set_ylim(0, 110)
     ax.set_title(f"Hofstede indices: {target.name}")
     ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100, format="png")
+    plt.close(fig)
+
+
+def loss_curve_chart(history: Sequence[Sequence[float]], baselines: dict[str, float], title: str,
+                     out: Path | BinaryIO) -> None:
+    """Best loss after each DE generation against evaluations, with the baselines as horizontal lines (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if history:
+        ax.step([h[0] for h in history], [h[1] for h in history], where="post", label="DE best", color="C2")
+    for (label, value), style in zip(baselines.items(), ["C0--", "C1-."]):
+        ax.axhline(value, linestyle=style[2:], color=style[:2], label=f"{label} ({value:.1f})")
+    ax.set_xlabel("candidate evaluations")
+    ax.set_ylabel("L1 loss (training presentations)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100, format="png")
     plt.close(fig)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import __version__
 from .optimize import DEConfig, PromptSpace, initial_prompt, run_de
 from .registry import AdapterInfo, Registry
-from .report import Row, format_table, radar_chart
+from .report import Row, format_table, loss_curve_chart, radar_chart
 from .runtime import Runtime, cache_root
 from .scorer import SurveyScorer
 from .survey import DEFAULT_CONSTANT, DIMENSIONS, Survey, persona_line
@@ -109,10 +109,13 @@ def train(rt: Runtime, target: Target, settings: TrainSettings, registry: Regist
         "evaluations": result.nfev, "generations": result.generations, "history": result.history,
         "de_wall_time_s": result.elapsed_s, "wall_time_s": wall, "interrupted": result.interrupted,
         "resumed_from_generation": result.resumed_from, "de": cfg.to_dict(), "seed": cfg.seed,
+        "index_range_seen": result.seen_range,
     }
-    table = format_table(target, rows)
-    png = io.BytesIO()
-    radar_chart(target, rows, png)
+    table = format_table(target, rows, result.seen_range)
+    radar, curve = io.BytesIO(), io.BytesIO()
+    radar_chart(target, rows, radar)
+    loss_curve_chart(result.history, {"naive": naive.loss, "persona (ICL)": icl.loss},
+                     f"DE on {target.name} ({rt.name}, seed {cfg.seed})", curve)
     provenance = {
         **{k: report[k] for k in ("loss", "heldout_loss", "naive_loss", "icl_loss", "option_mass", "evaluations",
                                   "seed", "de", "train_presentations", "heldout_presentations", "persona",
@@ -127,7 +130,7 @@ def train(rt: Runtime, target: Target, settings: TrainSettings, registry: Regist
     info = registry.save(target.key, result.prompt, base_model=rt.name, base_fingerprint=rt.fingerprint,
                          provenance=provenance,
                          files={"report.json": json.dumps(report, indent=2, sort_keys=True).encode(),
-                                "radar.png": png.getvalue()})
+                                "radar.png": radar.getvalue(), "loss.png": curve.getvalue()})
     if not result.interrupted:
         checkpoint.unlink(missing_ok=True)  # the adapter now holds the result; keep checkpoints only of cut runs
     return TrainOutcome(info, report, table, rows)

@@ -72,3 +72,18 @@ def test_summarize_averages_presentations(survey):
     assert r.item_means[1] == 3.0 and r.item_means[7] == 3.5
     assert r.indices["PDI"] == pytest.approx(35 * 0.5 + DEFAULT_CONSTANT)
     assert set(r.per_presentation) == {"standard", "reversed"}
+
+
+def test_table_shows_what_de_reached_and_flags_targets_outside():
+    from culign.report import Row, format_table
+    from culign.survey import SurveyResult
+    from culign.targets import resolve
+
+    us = resolve("US")
+    result = SurveyResult({}, 0.9, {d: 50.0 for d in us.scores}, 0.3)
+    seen = {d: [45.0, 60.0] for d in us.scores}
+    table = format_table(us, [Row("de", result, us)], seen)
+    assert "DE reached" in table and "45-60" in table
+    note = next(line for line in table.splitlines() if line.startswith("note: no prompt"))
+    assert "IDV 91" in note and "PDI 40" in note and "UAI" not in note  # UAI 46 lies inside 45-60
+    assert "DE reached" not in format_table(us, [Row("de", result, us)])

@@ -65,7 +65,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_runtime, scorer, tmp_path):
     resumed = _run(tiny_runtime, scorer, cfg, checkpoint=ck, resume=True, run_key="k")
     assert resumed.resumed_from == 2 and resumed.nfev == full.nfev
     assert torch.equal(resumed.prompt, full.prompt) and resumed.loss == full.loss
-    assert resumed.history == full.history
+    assert resumed.history == full.history and resumed.seen_range == full.seen_range
     with pytest.raises(ValueError, match="different run"):
         _run(tiny_runtime, scorer, cfg, checkpoint=ck, resume=True, run_key="other")
 
@@ -96,7 +96,13 @@ def test_train_end_to_end_saves_a_complete_adapter(tiny_runtime, tmp_path):
                 echo=lambda m: None)
     assert out.adapter.ref == "US@1"
     files = {p.name for p in out.adapter.path.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "culign.json", "report.json", "radar.png"} <= files
+    assert {"adapter_model.safetensors", "adapter_config.json", "culign.json", "report.json", "radar.png",
+            "loss.png"} <= files
+    seen = out.report["index_range_seen"]
+    assert set(seen) == {"PDI", "IDV", "MAS", "UAI", "LTO", "IVR"}
+    de_indices = out.report["rows"]["de"]["indices"]
+    assert all(seen[d][0] <= de_indices[d] <= seen[d][1] for d in seen)  # the best prompt was among those seen
+    assert "DE reached" in out.table
     prov = json.loads((out.adapter.path / "culign.json").read_text())
     for key in ("base_model", "base_fingerprint", "target", "seed", "de", "culign_version", "weights_sha256",
                 "loss", "heldout_loss", "naive_loss", "icl_loss", "option_mass", "evaluations"):
@@ -104,7 +110,8 @@ def test_train_end_to_end_saves_a_complete_adapter(tiny_runtime, tmp_path):
     assert prov["loss"] <= prov["naive_loss"] + 1e-9 or prov["de"]["init"] == "persona"
     assert set(out.report["rows"]) == {"naive", "icl", "de"}
     assert out.report["rows"]["de"]["heldout_loss"] is not None
-    assert (out.adapter.path / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("radar.png", "loss.png"):
+        assert (out.adapter.path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loaded = reg.load("US", hidden_size=tiny_runtime.hidden_size, base_fingerprint=tiny_runtime.fingerprint)
     assert loaded.prompt.shape == (4, tiny_runtime.hidden_size) and loaded.provenance["loss"] == out.report["loss"]
     assert "de" in out.table and "naive" in out.table
