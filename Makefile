@@ -16,7 +16,7 @@ $(BIN)/culign: pyproject.toml
 setup: $(BIN)/culign
 
 demo: setup  ## the main job on the embedded model
-	$(BIN)/culign train --region $(REGION) --budget 240 --adapters-dir runs/adapters
+	$(BIN)/culign train --region $(REGION) --budget 400 --adapters-dir runs/adapters
 
 test: setup
 	$(BIN)/pytest -q
