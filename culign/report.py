@@ -52,11 +52,15 @@ def format_table(target: Target, rows: Sequence[Row], seen_range: dict[str, list
     if seen_range:
         lines.append(f"{'DE reached':<12}" + "".join(f"{f'{seen_range[d][0]:.0f}-{seen_range[d][1]:.0f}':>7}"
                                                     for d in DIMENSIONS))
-        outside = [f"{d} {target.scores[d]:.0f}" for d in DIMENSIONS if d in target.scores
-                   and not seen_range[d][0] <= target.scores[d] <= seen_range[d][1]]
+        outside = []
+        for d in DIMENSIONS:
+            lo, hi = seen_range[d]
+            t = target.scores.get(d)
+            if t is not None and not lo <= t <= hi:
+                outside.append(f"{d} {t:.0f} ({'min' if t < lo else 'max'} reached {lo if t < lo else hi:.0f})")
         if outside:
-            lines.append(f"note: no prompt DE evaluated came near {', '.join(outside)}: the range above is what "
-                         "this model gave; more budget may widen it only a little")
+            lines.append(f"note: targets outside what any evaluated prompt gave: {', '.join(outside)}; more budget "
+                         "widens that range only slowly")
     if target.missing:
         lines.append(f"note: {target.name} has no published score for {', '.join(target.missing)}; "
                      "the loss covers only the other dimensions")

@@ -84,6 +84,7 @@ def test_table_shows_what_de_reached_and_flags_targets_outside():
     seen = {d: [45.0, 60.0] for d in us.scores}
     table = format_table(us, [Row("de", result, us)], seen)
     assert "DE reached" in table and "45-60" in table
-    note = next(line for line in table.splitlines() if line.startswith("note: no prompt"))
-    assert "IDV 91" in note and "PDI 40" in note and "UAI" not in note  # UAI 46 lies inside 45-60
+    note = next(line for line in table.splitlines() if line.startswith("note: targets outside"))
+    assert "IDV 91 (max reached 60)" in note and "PDI 40 (min reached 45)" in note
+    assert "UAI" not in note  # UAI 46 lies inside 45-60
     assert "DE reached" not in format_table(us, [Row("de", result, us)])
