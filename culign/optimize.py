@@ -103,9 +103,13 @@ class PromptSpace:
         self.A = torch.randn(cfg.dim, n * h, generator=g) * s
 
     def prompts(self, z: np.ndarray) -> torch.Tensor:
-        """z: [S, dim] -> prompts [S, tokens, hidden] (float32)."""
+        """z: [S, dim] -> prompts [S, tokens, hidden] (float32).
+
+        Row by row: a [S, dim] @ A matmul rounds differently for another S, so the prompt saved from DE's best z
+        (S = 1) would differ in the last bit from the one DE scored in its population, and so would its score.
+        """
         zt = torch.as_tensor(np.atleast_2d(z), dtype=torch.float32)
-        return self.p0.unsqueeze(0) + (zt @ self.A).view(zt.shape[0], *self.p0.shape)
+        return torch.stack([self.p0 + (row @ self.A).view(self.p0.shape) for row in zt])
 
 
 def initial_prompt(runtime, cfg: DEConfig, persona: str) -> torch.Tensor:

@@ -204,19 +204,27 @@ def test_models_lists_base_and_regions(openai_client, fp32):
 
 
 # ---------------------------------------------------------------------------------------------------- regions
+STEERED = ["Describe the ideal boss.", "What makes a good leader?", "How should a family make a big decision?",
+           *QUESTIONS]
+
+
 def test_header_selects_region(http, fp32, registry_root):
+    # a question whose greedy answers differ for US, CN and no prompt (in-process), else this test shows nothing
+    question = next((q for q in STEERED
+                     if len({expected(fp32, registry_root, r, q)[0] for r in ("US", "CN", None)}) == 3), None)
+    assert question is not None, "the soft prompts never steered the first tokens of an answer"
     answers = {}
     for region in ("US", "CN", None):
-        want, n = expected(fp32, registry_root, region, QUESTIONS[0])
-        r = post_chat(http, QUESTIONS[0], region)
+        want, n = expected(fp32, registry_root, region, question)
+        r = post_chat(http, question, region)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["message"] == {"role": "assistant", "content": want}
         assert body["usage"]["completion_tokens"] == n
         assert body["region"] == region and body["adapter_version"] == (1 if region else None)
         assert r.headers["x-culign-adapter"] == (f"{region}@1" if region else "none")
-        answers[region] = want
-    assert len(set(answers.values())) == 3, "the prompts should steer the answer; otherwise this test shows nothing"
+        answers[region] = body["message"]["content"]
+    assert len(set(answers.values())) == 3  # the header picked three different prompts
 
 
 @pytest.mark.parametrize("alias", ["china", "CHI", "cn", "CN@1", "China"])

@@ -116,3 +116,12 @@ def test_train_end_to_end_saves_a_complete_adapter(tiny_runtime, tmp_path):
     assert loaded.prompt.shape == (4, tiny_runtime.hidden_size) and loaded.provenance["loss"] == out.report["loss"]
     assert "de" in out.table and "naive" in out.table
     assert not list((tmp_path / "runs").glob("*.json"))  # finished runs leave no checkpoint
+
+
+def test_prompt_of_a_z_does_not_depend_on_its_batch(tiny_runtime):
+    """The prompt DE saves (one z) must be bit for bit the prompt it scored (a population of z)."""
+    cfg = DEConfig(**{**CFG, "dim": 64, "tokens": 8})
+    space = _space(tiny_runtime, cfg)
+    z = np.random.default_rng(0).uniform(-1, 1, size=(16, cfg.dim))
+    together = space.prompts(z)
+    assert all(torch.equal(together[i], space.prompts(z[i])[0]) for i in range(16))
