@@ -25,6 +25,9 @@ log = logging.getLogger("culign.runtime")
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ID = f"embedded:{EMBEDDED_NAME}"  # how the embedded default is named in provenance and /v1/models
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# candidates per scoring forward: the fastest size measured on SmolLM2 / 2 CPU cores in float32 (1.22 candidates/s;
+# 4: -11 %, 16: -6 %). A lone candidate is padded to a whole block, so a bigger block also makes baselines dearer.
+DEFAULT_BLOCK = 8
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -263,7 +266,7 @@ class Runtime:
     @torch.inference_mode()
     def option_logprobs(self, shared_ids: Sequence[int], groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                         soft_prompts: torch.Tensor | None, option_ids: Sequence[int],
-                        block: int = 16) -> list[torch.Tensor]:
+                        block: int = DEFAULT_BLOCK) -> list[torch.Tensor]:
         """Log-probabilities of the option tokens after ``[soft prompt][shared][group prefix][suffix]``.
 
         ``groups`` is a list of (group prefix, suffixes); the result has one ``[S, Q_g, len(option_ids)]`` tensor
