@@ -20,8 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from culign.registry import Registry
-from culign.runtime import Runtime
-from culign.serving import REGION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply
+from culign.serving import REGION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply, load_runtime
 
 log = logging.getLogger("culign.service")
 
@@ -60,7 +59,7 @@ class Culign:
     def __init__(self) -> None:
         logging.getLogger("culign").setLevel(os.environ.get("CULIGN_LOG_LEVEL", "INFO"))  # BentoML's root: WARNING
         root = os.environ.get("CULIGN_ADAPTERS") or str(Path(__file__).resolve().parent / "adapters")
-        runtime = Runtime.load()  # the embedded default, or CULIGN_MODEL
+        runtime = load_runtime()  # the embedded default, or CULIGN_MODEL; decoding runs on the worker thread
         log.info("serving %s (%s) with adapters from %s", runtime.name, runtime.fingerprint, root)
         self.engine = ChatEngine(runtime, Registry(root))
         self.engine.adapters.warm()

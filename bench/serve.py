@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from culign.registry import Registry  # noqa: E402
 from culign.runtime import Runtime  # noqa: E402
-from culign.serving import BatchWorker, ChatEngine, ChatRequest, Job  # noqa: E402
+from culign.serving import BatchWorker, ChatEngine, ChatRequest, Job, load_runtime  # noqa: E402
 
 REGIONS = ["US", "CN", "IN", "SA", "JP", "DE", "BR", "NG"]
 QUESTIONS = [
@@ -162,7 +162,7 @@ def main() -> None:
                     help="also decode every mixed-batch request alone and count greedy answers that differ")
     args = ap.parse_args()
 
-    rt = Runtime.load(dtype=args.dtype)
+    rt = load_runtime(dtype=args.dtype)  # as the service does: see its docstring
     with tempfile.TemporaryDirectory(prefix="culign-bench-") as scratch:
         run(rt, registry_for(rt, args, scratch), args)
 

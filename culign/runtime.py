@@ -259,8 +259,17 @@ class Runtime:
     def next_token_logits(self, rows: Sequence[tuple[Sequence[int], torch.Tensor | None]]) -> torch.Tensor:
         """Full-vocabulary logits at each row's last position, one forward ([B, vocab], float32)."""
         embeds, mask, positions = self.build_inputs(rows)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        return self._last_logits(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+
+    def _last_logits(self, **inputs) -> torch.Tensor:
+        """One forward of the decoder; logits at the last position only ([B, vocab], float32).
+
+        The head is applied to a 2-D [B, hidden] matrix here rather than through ``logits_to_keep=1``: on CPU that
+        path hands ``linear`` a non-contiguous [B, 1, hidden] view, which torch runs as a bmm over a B-fold copy of
+        the 49k x 576 head (~0.9 s per prefill at B = 8 on SmolLM2, measured).
+        """
+        hidden = self.model.model(**inputs).last_hidden_state[:, -1]
+        return self.model.get_output_embeddings()(hidden).float()
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
@@ -364,11 +373,10 @@ class Runtime:
         done = [r.max_new_tokens <= 0 for r in requests]
         produced = [0] * B
         cache = DynamicCache(config=self.model.config)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                         **self._kv(cache), use_cache=True, logits_to_keep=1)
+        logits = self._last_logits(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                   **self._kv(cache), use_cache=True)
         next_pos = positions[:, -1:] + 1
         while not all(done):
-            logits = out.logits[:, -1].float()
             step: list[int | None] = []
             for i, r in enumerate(requests):
                 if done[i]:
@@ -384,8 +392,8 @@ class Runtime:
                 break
             ids = torch.tensor([[t if t is not None else self.pad_id] for t in step], device=self.device)
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=next_pos, **self._kv(cache),
-                             use_cache=True, logits_to_keep=1)
+            logits = self._last_logits(input_ids=ids, attention_mask=mask, position_ids=next_pos, **self._kv(cache),
+                                       use_cache=True)
             next_pos = next_pos + 1
 
     @staticmethod

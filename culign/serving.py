@@ -31,6 +31,19 @@ log = logging.getLogger("culign.serving")
 REGION_HEADER = "X-Culign-Region"
 VERSION_HEADER = "X-Culign-Adapter"  # response header: which adapter served the request ("US@2" or "none")
 REGION_SPEC_RE = re.compile(r"[A-Za-z0-9_-]{1,64}(?:@[0-9]+)?")  # used with fullmatch: no trailing-newline slip
+COMPUTE_THREADS = torch.get_num_threads()  # torch's own choice, taken before load_runtime narrows this thread
+
+
+def load_runtime(**kwargs: Any) -> Runtime:
+    """``Runtime.load`` for serving: this (the loading) thread then computes on one thread, the decode worker on all.
+
+    torch's OpenMP (libgomp) throttles its spin-waiting once more OpenMP threads exist than cores. A loading thread
+    that kept a team of its own would push the decode worker's team over that line, and a decode step is thousands
+    of tiny parallel regions: on 2 cores every token took 1.5x as long in the worker thread as in the main one
+    (measured). Loading single-threaded leaves the worker's team the only one.
+    """
+    torch.set_num_threads(1)
+    return Runtime.load(**kwargs)
 
 
 def _env_number(name: str, default: float) -> float:
@@ -262,8 +275,8 @@ class BatchWorker:
     rows to a running decode).
     """
 
-    def __init__(self, runtime: Runtime, window: float = 0.005, max_batch: int = 16):
-        self.runtime, self.window, self.max_batch = runtime, window, max_batch
+    def __init__(self, runtime: Runtime, window: float = 0.005, max_batch: int = 16, threads: int = COMPUTE_THREADS):
+        self.runtime, self.window, self.max_batch, self.threads = runtime, window, max_batch, threads
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0  # decoded batches, and their total rows: for tests and the bench
         self.rows = 0
@@ -298,6 +311,7 @@ class BatchWorker:
         return [j for j in batch if not j.cancelled]
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # per thread under OpenMP: see load_runtime
         while (first := self._inbox.get()) is not None:
             batch = self._gather(first)
             if batch:

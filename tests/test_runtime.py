@@ -108,3 +108,35 @@ def test_dtype_and_fingerprint(tiny_runtime):
     bf16 = copy.deepcopy(tiny_runtime.model).to(torch.bfloat16)
     assert weights_fingerprint(bf16) == weights_fingerprint(copy.deepcopy(bf16).to(torch.float32))
     assert weights_fingerprint(bf16) != fp
+
+
+def test_decode_worker_sets_its_own_thread_count(tiny_runtime, rows):
+    """The service loads on one thread and decodes on the worker's count (libgomp spin throttling: see
+    culign.serving.load_runtime); the count is per thread, so the worker's setting must not leak back."""
+    import asyncio
+    import threading
+
+    from culign.serving import BatchWorker
+
+    seen = []
+
+    class Recording(BatchWorker):
+        def _decode(self, batch):
+            seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+            super()._decode(batch)
+
+    before = torch.get_num_threads()
+    worker_threads = 1 if before > 1 else 2
+    worker = Recording(tiny_runtime, threads=worker_threads)
+
+    async def one() -> list[int]:
+        job = worker.submit(GenerationRequest(rows[0][0], rows[0][1], max_new_tokens=4))
+        return [t async for t in job.tokens()]
+
+    try:
+        tokens = asyncio.run(one())
+    finally:
+        worker.close()
+    assert tokens == tiny_runtime.generate([GenerationRequest(rows[0][0], rows[0][1], max_new_tokens=4)])[0]
+    assert seen == [(False, worker_threads)]
+    assert torch.get_num_threads() == before
