@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from culign.registry import Registry  # noqa: E402
 from culign.runtime import Runtime  # noqa: E402
-from culign.serving import BatchWorker, ChatEngine, ChatRequest, Job, load_runtime  # noqa: E402
+from culign.serving import COMPUTE_THREADS, BatchWorker, ChatEngine, ChatRequest, Job, load_runtime  # noqa: E402
 
 REGIONS = ["US", "CN", "IN", "SA", "JP", "DE", "BR", "NG"]
 QUESTIONS = [
@@ -113,6 +113,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def solo_mismatches(rt: Runtime, records: list[dict]) -> list[int]:
     """For each batched answer that differs from the same request decoded alone: the first differing position."""
     firsts = []
+    torch.set_num_threads(COMPUTE_THREADS)  # as the worker decoded; after the timed runs (see load_runtime)
     for rec in records:
         solo = rt.generate([rec["request"]])[0]
         if solo != rec["ids"]:
@@ -124,7 +125,7 @@ def solo_mismatches(rt: Runtime, records: list[dict]) -> list[int]:
 def run(rt: Runtime, registry: Registry, args) -> None:
     regions = registry.regions()[:args.regions]
     print(f"{rt.name} on {rt.device} in {str(rt.dtype).removeprefix('torch.')}, torch threads "
-          f"{torch.get_num_threads()}; {args.clients} clients over {len(regions)} regions ({', '.join(regions)}), "
+          f"{COMPUTE_THREADS} (decode worker); {args.clients} clients over {len(regions)} regions ({', '.join(regions)}), "
           f"{args.requests} requests each, {args.max_tokens} new tokens max, in-process (no HTTP)")
     reports = {
         "mixed": scenario(rt, registry, args, BatchWorker, regions),

@@ -268,7 +268,7 @@ class Runtime:
         path hands ``linear`` a non-contiguous [B, 1, hidden] view, which torch runs as a bmm over a B-fold copy of
         the 49k x 576 head (~0.9 s per prefill at B = 8 on SmolLM2, measured).
         """
-        hidden = self.model.model(**inputs).last_hidden_state[:, -1]
+        hidden = self.model.base_model(**inputs).last_hidden_state[:, -1]
         return self.model.get_output_embeddings()(hidden).float()
 
     # ------------------------------------------------------------------ scoring
@@ -325,7 +325,7 @@ class Runtime:
                 sp = torch.cat([sp, sp[:1].expand(block - real, -1, -1)])
             b = block
             cache = DynamicCache(config=self.model.config)
-            self.model.model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
+            self.model.base_model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
                              position_ids=torch.arange(P0, device=self.device).unsqueeze(0),
                              **self._kv(cache), use_cache=True)
             snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
@@ -335,12 +335,12 @@ class Runtime:
                     cache.update(k, v, i)
                 P = P0 + prefix.shape[0]
                 if prefix.shape[0]:
-                    self.model.model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
+                    self.model.base_model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
                                      position_ids=torch.arange(P0, P, device=self.device).unsqueeze(0),
                                      **self._kv(cache), use_cache=True)
                 Q, Ls = suffix_emb.shape[:2]
                 cache.batch_repeat_interleave(Q)  # rows: candidate-major, Q suffixes each
-                hidden = self.model.model(
+                hidden = self.model.base_model(
                     inputs_embeds=suffix_emb.repeat(b, 1, 1),
                     position_ids=(P + torch.arange(Ls, device=self.device)).unsqueeze(0),
                     **self._kv(cache), use_cache=True).last_hidden_state  # [b*Q, Ls, d], final norm applied
