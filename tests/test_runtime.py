@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from culign.runtime import GenerationRequest, parse_dtype, weights_fingerprint
+from culign.runtime import GenerationRequest, _bf16_probe, cpu_bf16_native, cpu_capability, parse_dtype, weights_fingerprint
 from culign.scorer import SurveyScorer
 from culign.survey import Survey
 
@@ -95,7 +95,9 @@ def test_scorer_on_tiny_model(tiny_runtime):
 
 
 def test_dtype_and_fingerprint(tiny_runtime):
-    assert parse_dtype("auto", "cpu") == torch.bfloat16 and parse_dtype("fp32", "cpu") == torch.float32
+    # generation: bf16 only where the CPU multiplies it natively (emulated bf16 is ~65x slower than fp32)
+    assert parse_dtype("auto", "cpu") == (torch.bfloat16 if cpu_bf16_native() else torch.float32)
+    assert parse_dtype("fp32", "cpu") == torch.float32
     assert parse_dtype(None, "cpu", scoring=True) == torch.float32  # survey scoring: float32 on every device
     assert parse_dtype("bf16", "cpu", scoring=True) == torch.bfloat16  # unless asked otherwise
     with pytest.raises(ValueError):
@@ -140,3 +142,8 @@ def test_decode_worker_sets_its_own_thread_count(tiny_runtime, rows):
     assert tokens == tiny_runtime.generate([GenerationRequest(rows[0][0], rows[0][1], max_new_tokens=4)])[0]
     assert seen == [(False, worker_threads)]
     assert torch.get_num_threads() == before
+
+
+def test_cpu_capability_is_read_and_probed():
+    assert isinstance(cpu_bf16_native(), bool) and isinstance(_bf16_probe(), bool)
+    assert torch.backends.cpu.get_cpu_capability() in cpu_capability()
