@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from culign.optimize import DEConfig, PromptSpace, initial_prompt, run_de
-from culign.runtime import Runtime
+from culign.evaluation import MassGuard, Robust, presentation_scores
+from culign.optimize import PromptSpace, RobustObjective, SearchConfig, initial_prompt, run_search
+from culign.runtime import Runtime, cpu_capability
 from culign.scorer import SurveyScorer
 from culign.survey import DIMENSIONS, Survey, persona_line
 
@@ -27,18 +28,24 @@ def main() -> None:
     dims = list(DIMENSIONS) if args.dims == "all" else [d.strip().upper() for d in args.dims.split(",")]
 
     rt = Runtime.load(scoring=True)
-    scorer = SurveyScorer(rt, Survey.load(), ["standard"])
-    naive = scorer.score(None)[0]
-    cfg = DEConfig(budget=args.budget, seed=args.seed, init="vocab")  # no country: P0 from random vocabulary
+    survey = Survey.load()
+    scorer = SurveyScorer(rt, survey, ["standard"])
+    naive_scores = presentation_scores(survey, scorer.answers(None), {"PDI": 0.0})[0]["vsm/chat/asc"]
+    guard = MassGuard({"vsm/chat/asc": naive_scores.option_mass})
+    cfg = SearchConfig(budget=args.budget, seed=args.seed, init="vocab", subset=0)  # P0 from random vocabulary
     space = PromptSpace(initial_prompt(rt, cfg, persona_line("nowhere")), cfg, float(rt.embedding_matrix.float().std()))
-    print(f"{rt.name} ({rt.dtype}), DE budget {cfg.budget} per direction, tokens {cfg.tokens}, dim {cfg.dim}, "
+    print(f"{rt.name} ({rt.dtype}) on {cpu_capability()}, DE budget {cfg.budget} per direction, tokens {cfg.tokens}, dim {cfg.dim}, "
           f"scale {cfg.scale}, seed {cfg.seed}")
     print(f"{'index':<7}{'naive':>7}{'DE toward 0':>13}{'DE toward 100':>15}{'reached span':>14}{'time':>8}")
     for dim in dims:
         t0 = time.perf_counter()
-        low = run_de(scorer, space, {dim: 0.0}, cfg, ref_mass=naive.option_mass).result.indices[dim]
-        high = run_de(scorer, space, {dim: 100.0}, cfg, ref_mass=naive.option_mass).result.indices[dim]
-        print(f"{dim:<7}{naive.indices[dim]:>7.1f}{low:>13.1f}{high:>15.1f}{high - low:>14.1f}"
+        ends = []
+        for goal in (0.0, 100.0):
+            objective = RobustObjective(scorer, space, {dim: goal}, ["vsm/chat/asc"], Robust(), guard)
+            z = run_search(objective, cfg).z
+            ends.append(objective.scores(z[None], ["vsm/chat/asc"])[0]["vsm/chat/asc"].indices[dim])
+        low, high = ends
+        print(f"{dim:<7}{naive_scores.indices[dim]:>7.1f}{low:>13.1f}{high:>15.1f}{high - low:>14.1f}"
               f"{time.perf_counter() - t0:>7.0f}s", flush=True)
 
 

@@ -1,24 +1,33 @@
-"""Survey scoring speed on the embedded SmolLM2: candidate soft prompts scored per second (24 items each).
+"""Survey scoring speed on the embedded SmolLM2, and the levers of the robust objective, measured in one run.
 
-Compared in the same run against
-  (a) a naive peer: one `generate` per item, the answer parsed from the text (what a generate-and-parse loop does);
-  (b) culign's batched forward WITHOUT the shared-prefix KV cache (every item's full prompt, logits at the end);
-  (c) the machine's own matmul rate in the same dtype, to report achieved GFLOP/s (2 x params x tokens) as a fraction.
-Run in float32 (the scoring default) and in bfloat16.
+Per precision (float32, the scoring default; bfloat16 where the CPU has it natively, or when asked):
+  today's path   16 candidates on the one presentation the committed adapters were trained on (vsm/chat/asc)
+  robust set     the same 16 candidates on each of the 9 default training presentations
+  bf16 + fp32 head   (bf16 only) the trunk in bf16, the final norm, head and softmax in float32: speed, and how far
+                 a 0.1 % nudge of the prompt moves the indices (rounding noise the search would chase)
+  peer           generate-and-parse: one `generate` per item, the first digit parsed from the text
+and the machine's own matmul rate in that precision, to report achieved GFLOP/s (2 x params x tokens) as a
+fraction of it. The remaining levers are counted from the prepared token trees: padding inside suffix batches,
+and the prefix that presentations sharing a template could share. The cost of a whole robust run (subsets of
+presentations per generation, paired re-scoring, elites) is bench/train.py's job.
 
-    python bench/score.py [--candidates 32] [--tokens 8] [--naive-candidates 1] [--dtype float32 --dtype bfloat16]
+    python bench/score.py [--candidates 16] [--dtype float32 --dtype bfloat16] [--naive-candidates 1]
 """
 from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import time
 
 import torch
 
-from culign.runtime import GenerationRequest, Runtime
+from culign.evaluation import presentation_scores
+from culign.runtime import GenerationRequest, Runtime, cpu_bf16_native, cpu_capability
 from culign.scorer import SurveyScorer
-from culign.survey import Survey
+from culign.survey import DEFAULT_SPLIT, DIMENSIONS, Survey
+
+TODAY = "vsm/chat/asc"
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -34,91 +43,127 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int) -> float:
     return 2 * m * k * n / timed(lambda: a @ b, repeat=10) / 1e9
 
 
-def measure(dtype: str, args) -> dict:
-    """Scoring speed in one dtype: culign vs the unshared batched forward vs the generate-and-parse peer."""
+class Fp32Norm(torch.nn.Module):
+    """The model's final RMSNorm computed in float32 (the lever: bf16 trunk, float32 answer position)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.weight, self.eps = norm.weight.detach().float(), norm.variance_epsilon
+
+    def forward(self, x):
+        x = x.float()
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def fp32_answer_position(rt: Runtime) -> None:
+    rt.model.base_model.norm = Fp32Norm(rt.model.base_model.norm)
+    head = rt.model.get_output_embeddings().weight.detach().float()
+    rt._head = lambda hidden: hidden.float() @ head.T
+
+
+def nudge_noise(rt: Runtime, survey: Survey, scorer: SurveyScorer, prompts: torch.Tensor) -> float:
+    """Mean over indices of the std across 8 copies of one prompt, each nudged by 0.1 % of its size."""
+    g = torch.Generator().manual_seed(7)
+    base = prompts[0]
+    nudged = torch.stack([base + 1e-3 * base.abs().mean() * torch.randn(base.shape, generator=g) for _ in range(8)])
+    per = presentation_scores(survey, scorer.answers(nudged, [TODAY]), {"PDI": 0.0})
+    return statistics.mean(statistics.pstdev([p[TODAY].indices[d] for p in per]) for d in DIMENSIONS)
+
+
+def measure(dtype: str, variant: str, args, survey: Survey) -> dict:
     rt = Runtime.load(dtype=dtype, scoring=True)
-    survey = Survey.load()
-    scorer = SurveyScorer(rt, survey, ["standard"])
+    if variant == "fp32-head":
+        fp32_answer_position(rt)
+    train = list(DEFAULT_SPLIT.train)
+    scorer = SurveyScorer(rt, survey, train, answer_cache=None)
     g = torch.Generator().manual_seed(0)
     std = float(rt.embedding_matrix.float().std())
     prompts = torch.randn(args.candidates, args.tokens, rt.hidden_size, generator=g) * std
     params = sum(p.numel() for p in rt.model.parameters())
-    embed = rt.embedding_matrix.numel()
+    groups = {n: len(p.groups) for n, p in scorer.prepared.items()}
+    tokens = {n: scorer.tokens(n) + (groups[n] + 1) * args.tokens for n in train}  # virtual tokens per forward
 
-    # culign: shared-prefix KV cache, fixed blocks of candidates, logits at the answer position only
-    t_culign = timed(lambda: scorer.score(prompts))
-    groups = sum(len(p.groups) for p in scorer.prepared)
-    tokens = args.candidates * (scorer.tokens_per_candidate + groups * args.tokens)
+    t_today = timed(lambda: scorer.answers(prompts, [TODAY]))
+    out = {"dtype": dtype, "variant": variant, "today_rate": args.candidates / t_today,
+           "today_gflops": 2 * params * tokens[TODAY] * args.candidates / t_today / 1e9,
+           "noise": nudge_noise(rt, survey, scorer, prompts)}
+    if not args.quick:
+        t0 = time.perf_counter()
+        scorer.answers(prompts, train)
+        t_all = time.perf_counter() - t0
+        out["robust_rate"] = args.candidates * len(train) / t_all
+        out["robust_gflops"] = 2 * params * sum(tokens.values()) * args.candidates / t_all / 1e9
+    if variant == "plain":
+        pres = survey.presentation(TODAY)
 
-    # (b) batched forward of every item's full prompt (no prefix sharing), blocks of `scorer.block` candidates
-    pres = scorer.prepared[0].presentation
-    full_ids = [rt.chat_ids(pres.messages(it), pres.prefill) for it in survey.items]
+        def peer():
+            answers = []
+            for p in prompts[: args.naive_candidates]:
+                for it in survey.items:
+                    ids = rt.generate([GenerationRequest(rt.chat_ids(pres.messages(it.id)), p, max_new_tokens=8)])[0]
+                    m = re.search(r"[1-5]", rt.tokenizer.decode(ids, skip_special_tokens=True))
+                    answers.append(int(m.group()) if m else None)
+            return answers
 
-    def no_sharing():
-        for s in range(0, args.candidates, scorer.block):
-            rt.next_token_logits([(ids, p) for p in prompts[s:s + scorer.block] for ids in full_ids])
-
-    t_full = timed(no_sharing)
-    full_tokens = args.candidates * sum(len(i) + args.tokens for i in full_ids)
-
-    # (a) naive peer: generate per item, parse the first digit
-    def naive():
-        answers = []
-        for p in prompts[: args.naive_candidates]:
-            for it in survey.items:
-                ids = rt.generate([GenerationRequest(rt.chat_ids(pres.messages(it)), p, max_new_tokens=8)])[0]
-                m = re.search(r"[1-5]", rt.tokenizer.decode(ids, skip_special_tokens=True))
-                answers.append(int(m.group()) if m else None)
-        return answers
-
-    t0 = time.perf_counter()
-    parsed = naive()
-    t_naive = time.perf_counter() - t0
-    torch_dtype = rt.dtype
-    mm = max(matmul_gflops(torch_dtype, 4096, 576, 1536), matmul_gflops(torch_dtype, 2048, 2048, 2048))
-    return {"dtype": str(torch_dtype).removeprefix("torch."), "rate": args.candidates / t_culign,
-            "tokens": tokens / args.candidates, "full_rate": args.candidates / t_full,
-            "full_tokens": full_tokens / args.candidates, "naive_rate": args.naive_candidates / t_naive,
-            "unparseable": sum(a is None for a in parsed), "asked": len(parsed), "matmul": mm,
-            "achieved": 2 * params * tokens / t_culign / 1e9,
-            "achieved_strict": 2 * (params - embed) * tokens / t_culign / 1e9,
-            "params": params, "embed": embed, "block": scorer.block}
+        t0 = time.perf_counter()
+        parsed = peer()
+        out["peer_rate"] = args.naive_candidates / (time.perf_counter() - t0)
+        out["unparseable"] = f"{sum(a is None for a in parsed)}/{len(parsed)}"
+        out["matmul"] = max(matmul_gflops(rt.dtype, 4096, 576, 1536), matmul_gflops(rt.dtype, 2048, 2048, 2048))
+        out["padding"] = {n: sum(len(gr.suffixes) * max(map(len, gr.suffixes)) - sum(map(len, gr.suffixes))
+                                 for gr in p.groups) / p.tokens for n, p in scorer.prepared.items()}
+        by_template: dict[str, list[int]] = {}
+        for n, p in scorer.prepared.items():
+            by_template.setdefault(n.split("/")[1], []).append(len(p.shared) + args.tokens)
+        out["sharable"] = sum(sum(v) - v[0] for v in by_template.values()) / sum(tokens.values())
+        out["tokens"] = tokens
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--candidates", type=int, default=32)
+    ap.add_argument("--candidates", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=8, help="virtual tokens per soft prompt")
     ap.add_argument("--naive-candidates", type=int, default=1)
     ap.add_argument("--dtype", action="append", default=None,
-                    help="dtypes to measure (repeatable; default: float32, the scoring default, and bfloat16)")
+                    help="dtypes to measure (repeatable; default: float32, and bfloat16 where the CPU has it natively)")
+    ap.add_argument("--quick", action="store_true", help="skip the 9-presentation measurement")
     args = ap.parse_args()
-
-    runs = [measure(d, args) for d in (args.dtype or ["float32", "bfloat16"])]
-    r0 = runs[0]
-    print(f"model SmolLM2-135M-Instruct ({r0['params'] / 1e6:.0f}M params, {r0['embed'] / 1e6:.0f}M of them the tied "
-          f"embedding), {torch.get_num_threads()} threads, {args.candidates} candidates x 24 items, "
-          f"blocks of {r0['block']}")
-    print(f"\n{'dtype':<10}{'method':<44}{'cand/s':>9}{'tokens/cand':>13}{'vs naive':>10}")
+    dtypes = args.dtype or (["float32", "bfloat16"] if cpu_bf16_native() else ["float32"])
+    survey = Survey.load()
+    print(f"CPU: {cpu_capability()}; SmolLM2-135M-Instruct, {args.candidates} candidates x 24 items, "
+          f"{args.tokens} virtual tokens")
+    runs = []
+    for d in dtypes:
+        runs.append(measure(d, "plain", args, survey))
+        if d == "bfloat16":
+            runs.append(measure(d, "fp32-head", args, survey))
+    base = runs[0]
+    print(f"\n{'precision':<22}{'path':<34}{'pres-evals/s':>13}{'vs today':>10}{'GFLOP/s':>9}{'noise':>8}")
     for r in runs:
-        print(f"{r['dtype']:<10}{'naive peer: generate + parse per item':<44}{r['naive_rate']:>9.3f}{'':>13}"
-              f"{1.0:>10.1f}x   ({r['unparseable']}/{r['asked']} unparseable)")
-        print(f"{'':<10}{'batched forward, no prefix sharing':<44}{r['full_rate']:>9.3f}{r['full_tokens']:>13.0f}"
-              f"{r['full_rate'] / r['naive_rate']:>10.1f}x")
-        print(f"{'':<10}{'culign: shared-prefix cache, option logits':<44}{r['rate']:>9.3f}{r['tokens']:>13.0f}"
-              f"{r['rate'] / r['naive_rate']:>10.1f}x")
+        label = r["dtype"] + (" + fp32 head" if r["variant"] == "fp32-head" else "")
+        print(f"{label:<22}{'today: ' + TODAY:<34}{r['today_rate']:>13.3f}{r['today_rate'] / base['today_rate']:>9.2f}x"
+              f"{r['today_gflops']:>9.0f}{r['noise']:>8.2f}")
+        if "robust_rate" in r:
+            print(f"{'':<22}{'9 training presentations':<34}{r['robust_rate']:>13.3f}"
+                  f"{r['robust_rate'] / base['today_rate']:>9.2f}x{r['robust_gflops']:>9.0f}")
+    print("noise = mean over the six indices of their std across 8 copies of one prompt nudged by 0.1 % "
+          "(rounding the search would chase; a real prompt effect is a few points)")
     print()
     for r in runs:
-        print(f"{r['dtype']}: matmul rate in this run {r['matmul']:.0f} GFLOP/s; culign achieved {r['achieved']:.0f} "
-              f"GFLOP/s (2 x all params x tokens) = {r['achieved'] / r['matmul']:.0%} of it, "
-              f"{r['achieved_strict'] / r['matmul']:.0%} counting non-embedding params only")
-    for r in runs:
-        print(f"ratios ({r['dtype']}): {r['rate'] / r['naive_rate']:.1f}x the naive peer (goal >= 20x), "
-              f"{r['rate'] / r['full_rate']:.2f}x the unshared batched forward, {r['achieved'] / r['matmul']:.0%} of "
-              f"the same-dtype matmul rate (goal >= 50%)")
-    if len(runs) > 1:
-        print(f"bf16 / float32 scoring speed: {runs[-1]['rate'] / runs[0]['rate']:.2f}x (float32 is the default: "
-              "bf16 rounding noise is as large as a soft prompt's effect on the indices; see README)")
+        if r["variant"] != "plain":
+            continue
+        rate = r.get("robust_gflops", r["today_gflops"])
+        print(f"{r['dtype']}: matmul {r['matmul']:.0f} GFLOP/s on this CPU; scoring achieved {rate:.0f} GFLOP/s = "
+              f"{rate / r['matmul']:.0%} of it (goal >= 50%); {r['today_rate'] / r['peer_rate']:.1f}x the "
+              f"generate-and-parse peer ({r['peer_rate']:.3f} cand/s, {r['unparseable']} unparseable; goal >= 20x)")
+    r = runs[0]
+    pad = statistics.mean(r["padding"].values())
+    print(f"levers counted, not run: suffix padding is {pad:.1%} of the real tokens (mean over the 9; bucketing "
+          f"suffixes by length could save at most that); presentations sharing a template could share "
+          f"{r['sharable']:.1%} of the tokens (soft prompt + system turn)")
+    print(f"tokens per candidate: {TODAY} {r['tokens'][TODAY]}, the 9 training presentations "
+          f"{statistics.mean(r['tokens'].values()):.0f} on average")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,22 @@
-"""The `culign` command line: eval, train, regions, adapters. Friendly errors live here and only here."""
+"""The `culign` command line: regions, presentations, eval, train, adapters. Friendly errors live here and only here."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .optimize import STRATEGIES as _STRATEGIES, DEConfig
-from .survey import DIMENSIONS, PRESENTATIONS, persona_line
+from .optimize import STRATEGIES as _STRATEGIES, Optimizer, SearchConfig
+from .survey import DEFAULT_SPLIT, DIMENSIONS, ORDERS, Split, SurveyDataError, persona_line
 from .targets import SAUDI_VARIANTS, DEFAULT_SAUDI_VARIANT, Target, UnknownRegionError, parse_custom, resolve, TABLE
 
-PRES_CHOICE = click.Choice(list(PRESENTATIONS))
-_DE = DEConfig()  # the train command's defaults are DEConfig's, stated once
+_CFG = SearchConfig()  # the train command's defaults are SearchConfig's, stated once
+DEFAULT_REGISTRY = Path("runs") / "adapters"  # the user's registry; the committed examples live in ./adapters
 
 
 def _target(region: str | None, target_spec: str | None, saudi_variant: str, name: str | None = None) -> Target:
@@ -38,6 +40,26 @@ def _runtime(model, device, dtype, scoring: bool = True):
         raise click.ClickException(str(e)) from None
 
 
+def _survey(wording_files):
+    from .survey import Survey
+
+    try:
+        return Survey.load(wording_files=wording_files)
+    except SurveyDataError as e:
+        raise click.BadParameter(str(e), param_hint="--wording-file") from None
+
+
+def _split(survey, train, heldout, validation, no_validation: bool, presentations=()) -> Split:
+    """The split a command runs on: --presentation alone (no held-out), or the default split with overrides."""
+    try:
+        if presentations:
+            return Split(tuple(survey.expand(presentations)))
+        return survey.split(train, heldout, [] if no_validation else (validation or None))
+    except ValueError as e:
+        hint = "--presentation" if presentations else "--train-presentation/--heldout/--validation"
+        raise click.BadParameter(str(e), param_hint=hint) from None
+
+
 class _status:
     """A one-line 'doing X ... done (1.2 s)' on stderr: long steps show they are alive."""
 
@@ -45,21 +67,18 @@ class _status:
         self.what = what
 
     def __enter__(self):
-        import time
-
         self.t0 = time.perf_counter()
         click.echo(f"{self.what} ...", err=True, nl=False)
 
     def __exit__(self, exc_type, *_):
-        import time
-
         click.echo(f" {'done' if exc_type is None else 'failed'} ({time.perf_counter() - self.t0:.1f} s)", err=True)
 
 
+# ---------------------------------------------------------------------------------------------------- options
 def model_options(f):
     f = click.option("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (default: float32. bf16 is "
-                     "faster, but its rounding moves the indices by 1-3 points, as much as a soft prompt's effect, "
-                     "and DE then tunes to the noise). Env CULIGN_DTYPE.")(f)
+                     "faster where the CPU has it natively, but its rounding moves the indices by 1-3 points, as much "
+                     "as a soft prompt's effect, and the search then tunes to the noise). Env CULIGN_DTYPE.")(f)
     f = click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available). "
                      "Env CULIGN_DEVICE.")(f)
     f = click.option("--model", default=None, metavar="ID_OR_DIR",
@@ -82,6 +101,41 @@ def target_options(f):
     return f
 
 
+def split_options(f):
+    f = click.option("--wording-file", "wording_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
+                     help="Add a wording of your own (JSON, the shape of culign/data/wordings/*.json; validated, "
+                          "errors name the item and line). Repeatable.")(f)
+    f = click.option("--no-validation", is_flag=True, help="No validation family: the result is the best on the "
+                     "training presentations.")(f)
+    f = click.option("--validation", "validation", multiple=True, metavar="PRESENTATION",
+                     help="Validation presentations (names or patterns; one family each) instead of the default "
+                          "families wording:casual and template:quiz.")(f)
+    f = click.option("--heldout", "--heldout-presentation", "heldout", multiple=True, metavar="PRESENTATION",
+                     help="Held-out presentations (names or patterns, e.g. 'formal/*/asc'; one family each) instead of "
+                          "the default families.")(f)
+    f = click.option("--train-presentation", "train", multiple=True, metavar="PRESENTATION",
+                     help="Training presentations: names (vsm/chat/asc, or the old standard, reversed, inline) or "
+                          "patterns (vsm/*/asc). Default: 3 wordings x 3 templates, ascending "
+                          "(`culign presentations` shows the split).")(f)
+    return f
+
+
+def registry_option(f):
+    """--adapters-dir, accepted on the group and on every subcommand (after the subcommand wins)."""
+    return click.option("--adapters-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+                        help=f"The adapter registry. Default: $CULIGN_ADAPTERS, else ./{DEFAULT_REGISTRY} (the "
+                             "committed examples are in ./adapters).")(f)
+
+
+def _registry_dir(given: Path | None, ctx: click.Context | None = None) -> Path:
+    if given is not None:
+        return given
+    if ctx is not None and ctx.obj and ctx.obj.get("adapters_dir") is not None:
+        return ctx.obj["adapters_dir"]
+    return Path(os.environ.get("CULIGN_ADAPTERS") or DEFAULT_REGISTRY)
+
+
+# ---------------------------------------------------------------------------------------------------- commands
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="culign")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does (loading, rescans, ...).")
@@ -89,8 +143,9 @@ def main(verbose: bool):
     """Cultural alignment of a frozen LLM with soft prompts (Masoud et al., 2025).
 
     The frozen model answers Hofstede's VSM 2013 survey; its answers give six indices (PDI, IDV, MAS, UAI,
-    LTO, IVR) compared with a region's published scores by L1 loss. `train` tunes a soft prompt with
-    Differential Evolution (no gradients); `eval` measures a model, a persona prompt or an adapter.
+    LTO, IVR) compared with a region's published scores by L1 loss. `train` tunes a soft prompt black-box (DE,
+    CMA-ES) on many wordings and templates of the survey and checks it on ones it never saw; `eval` measures a
+    model, a persona prompt or an adapter the same way.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -100,7 +155,10 @@ def main(verbose: bool):
 @click.option("--saudi-variant", type=click.Choice(list(SAUDI_VARIANTS)), default=DEFAULT_SAUDI_VARIANT,
               show_default=True, help="Which full row to show for Saudi Arabia.")
 def regions_cmd(as_json: bool, saudi_variant: str):
-    """List the regions with their Hofstede scores (Hofstede 6-D matrix, 2015-08-16)."""
+    """List the regions with their Hofstede scores (Hofstede 6-D matrix, 2015-08-16).
+
+    Outputs: a table (or JSON) on stdout.
+    """
     rows = [resolve(t.code, saudi_variant=saudi_variant) if t.code == "SAU" else t for t in TABLE]
     if as_json:
         click.echo(json.dumps([t.to_dict() for t in rows], indent=2))
@@ -113,49 +171,100 @@ def regions_cmd(as_json: bool, saudi_variant: str):
                f"variant '{saudi_variant}' (--saudi-variant).")
 
 
+@main.command("presentations")
+@split_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def presentations_cmd(train, heldout, validation, no_validation, wording_files, as_json):
+    """List the wordings, templates and orders, and the split: which presentations train, which validate and
+    which are held out, family by family.
+
+    A presentation is WORDING/TEMPLATE/ORDER, e.g. vsm/chat/asc. Outputs: a listing (or JSON) on stdout.
+    """
+    survey = _survey(wording_files)
+    split = _split(survey, train, heldout, validation, no_validation)
+    if as_json:
+        click.echo(json.dumps({
+            "wordings": {n: {"title": w.title, "note": w.note, "source": w.source} for n, w in survey.wordings.items()},
+            "templates": {n: {"note": t.note, "system": t.system, "prefill": t.prefill}
+                          for n, t in survey.templates.items()},
+            "orders": list(ORDERS), "presentations": survey.presentation_names(), "split": split.to_dict(),
+            "leaks": split.leaks()}, indent=2))
+        return
+    click.echo("wordings:")
+    for n, w in survey.wordings.items():
+        click.echo(f"  {n:<10} {w.title}: {w.note[:90]}{'...' if len(w.note) > 90 else ''}")
+    click.echo("templates:")
+    for n, t in survey.templates.items():
+        click.echo(f"  {n:<10} {t.note}")
+    click.echo(f"orders:\n  asc        digit k means answer k\n  desc       the scale renumbered: digit k means "
+               f"answer 6-k\n\n{len(survey.presentation_names())} presentations (wording x template x order).\n")
+    click.echo(f"train ({len(split.train)}): {', '.join(split.train)}")
+    for role, fams in (("validation", split.validation), ("held-out", split.heldout)):
+        for fam, names in fams.items():
+            click.echo(f"{role} {fam} ({len(names)}): {', '.join(names)}")
+    leaks = split.leaks()
+    click.echo("\nsplit check: " + ("no validation or held-out family shares its wording, template or order with "
+                                    "training" if not leaks else "; ".join(leaks)))
+
+
 @main.command("eval")
 @target_options
 @click.option("--adapter", "adapters", multiple=True, metavar="PATH|REGION[@V]",
               help="Score a trained soft prompt too: an adapter folder or a registry name (repeatable).")
-@click.option("--adapters-dir", default="adapters", show_default=True, envvar="CULIGN_ADAPTERS",
-              type=click.Path(file_okay=False, path_type=Path), help="The adapter registry.")
+@registry_option
 @click.option("--icl/--no-icl", default=False, help="Add the persona (in-context) baseline row: "
               f"'{persona_line('<country>')}'.")
-@click.option("--presentation", "presentations", multiple=True, type=PRES_CHOICE,
-              help="How items are put to the model (repeatable; answers are averaged). Default: standard.")
+@click.option("--presentation", "presentations", multiple=True, metavar="PRESENTATION",
+              help="Score only these presentations (names or patterns; repeatable); no held-out columns then.")
+@split_options
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def eval_cmd(region, target_spec, saudi_variant, adapters, adapters_dir, icl, presentations, model, device, dtype,
-             as_json):
-    """Score the naive model (and the persona baseline, and adapters) on the VSM 2013 survey for a region."""
-    from .report import Row, format_table
-    from .scorer import SurveyScorer
+def eval_cmd(region, target_spec, saudi_variant, adapters, adapters_dir, icl, presentations, train, heldout,
+             validation, no_validation, wording_files, model, device, dtype, as_json):
+    """Score the naive model (and the persona baseline, and adapters) on the VSM 2013 survey for a region.
+
+    Each row is scored on every presentation of the split: training, validation and held-out losses, gain kept
+    and the naive model's noise band, exactly as `culign train` reports them. With --adapter and no split options,
+    the split is the one the (first) adapter was trained on. Outputs: a table (or JSON) on stdout.
+    """
+    from .evaluation import Comparison, Evaluator, Respondent
+    from .report import format_table
     from .survey import Survey
 
     target = _target(region, target_spec, saudi_variant)
-    presentations = list(presentations) or ["standard"]
     rt = _runtime(model, device, dtype)
-    survey = Survey.load()
-    loaded = [(name, _load_adapter(name, adapters_dir, rt)) for name in adapters]
-    rows = []
-    scorer = SurveyScorer(rt, survey, presentations)
-    with _status("scoring the naive model"):
-        rows.append(Row("naive", scorer.score(None)[0], target))
-    if icl:
-        with _status("scoring the persona (ICL) baseline"):
-            persona = SurveyScorer(rt, survey, presentations, persona=target.display_name)
-            rows.append(Row("icl", persona.score(None)[0], target, extra={"persona": persona_line(target.display_name)}))
-    for name, adapter in loaded:
-        with _status(f"scoring adapter {adapter.info.ref}"):
-            rows.append(Row(adapter.info.ref, scorer.score(adapter.prompt.unsqueeze(0))[0], target,
-                            extra={"adapter": str(adapter.info.path)}))
-    if as_json:
-        click.echo(json.dumps({"target": target.to_dict(), "model": rt.name, "presentations": presentations,
-                               "dtype": str(rt.dtype).replace("torch.", ""), "rows": [r.to_dict() for r in rows]},
-                              indent=2))
+    survey = _survey(wording_files)
+    loaded = [_load_adapter(name, _registry_dir(adapters_dir), rt) for name in adapters]
+    if loaded and not (presentations or train or heldout or validation or no_validation) \
+            and "split" in loaded[0].provenance:
+        s = loaded[0].provenance["split"]
+        split = Split(tuple(s["train"]), {k: tuple(v) for k, v in s.get("validation", {}).items()},
+                      {k: tuple(v) for k, v in s.get("heldout", {}).items()})
     else:
-        click.echo(f"{target.name} ({target.key}) on {rt.name}, presentation(s): {', '.join(presentations)}\n")
-        click.echo(format_table(target, rows))
+        split = _split(survey, train, heldout, validation, no_validation, presentations)
+    try:
+        evaluator = Evaluator(rt, survey, target, split)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    respondents = [Respondent.naive()]
+    if icl:
+        respondents.append(Respondent.with_persona(target.display_name))
+    respondents += [Respondent(a.info.ref, a.prompt) for a in loaded]
+    rows = []
+    for r in respondents:
+        with _status(f"scoring {r.label} on {len(split.all_names)} presentation(s)"):
+            rows.append(evaluator.evaluate(r))
+    for row, a in zip(rows[len(respondents) - len(loaded):], loaded):
+        row.extra["adapter"] = str(a.info.path)
+    comparison = Comparison(target, split, rows)
+    if as_json:
+        click.echo(json.dumps({**comparison.to_dict(), "model": rt.name, "presentations": split.all_names,
+                               "dtype": str(rt.dtype).replace("torch.", ""),
+                               "rows": [comparison.to_dict()["rows"][r.label] for r in rows]}, indent=2))
+    else:
+        click.echo(f"{target.name} ({target.key}) on {rt.name}: {len(split.train)} training, "
+                   f"{len(split.validation_names)} validation, {len(split.heldout_names)} held-out presentation(s)\n")
+        click.echo(format_table(comparison))
 
 
 def _floats(text: str) -> tuple[float, float]:
@@ -174,81 +283,110 @@ def _floats(text: str) -> tuple[float, float]:
 @main.command("train")
 @target_options
 @click.option("--name", default=None, help="Registry name for a --target run (default: custom).")
-@click.option("--tokens", default=_DE.tokens, show_default=True, help="Virtual tokens in the soft prompt.")
-@click.option("--dim", default=_DE.dim, show_default=True, help="Dimension of the DE search space z (prompt = P0 + A z).")
-@click.option("--bound", default=_DE.bound, show_default=True, help="z lies in [-bound, bound]^dim.")
-@click.option("--scale", default=_DE.scale, show_default=True,
+@click.option("--optimizer", type=click.Choice([o.value for o in Optimizer]), default=_CFG.optimizer.value,
+              show_default=True, help="de (Differential Evolution, the paper's), cma (CMA-ES, Black-Box Tuning's) "
+                                      "or random (random search, the floor).")
+@click.option("--robust", default=_CFG.robust, show_default=True, metavar="mean|worst|mean+Kstd",
+              help="How the per-presentation losses are aggregated into the objective.")
+@click.option("--subset", default=_CFG.subset, show_default=True,
+              help="Training presentations each generation is scored on, drawn anew per generation (0: all). "
+                   "The best candidate of each generation is scored on all of them.")
+@click.option("--tokens", default=_CFG.tokens, show_default=True, help="Virtual tokens in the soft prompt.")
+@click.option("--dim", default=_CFG.dim, show_default=True, help="Dimension of the search space z (prompt = P0 + A z).")
+@click.option("--bound", default=_CFG.bound, show_default=True, help="z lies in [-bound, bound]^dim.")
+@click.option("--scale", default=_CFG.scale, show_default=True,
               help="Prompt perturbation at |z| = bound, in units of the embedding table's std.")
-@click.option("--popsize", default=_DE.popsize, show_default=True, help="DE population size (exactly; not x dim).")
-@click.option("--budget", default=_DE.budget, show_default=True,
-              help="Candidate evaluations in all (whole generations; the initial population counts). ~1.2 per "
-                   "second for SmolLM2 on 2 CPU cores in float32.")
-@click.option("--strategy", default=_DE.strategy, show_default=True, type=click.Choice(list(_STRATEGIES)))
-@click.option("--mutation", default=",".join(map(str, _DE.mutation)), show_default=True, help="Dithered mutation factor range LO,HI.")
-@click.option("--recombination", default=_DE.recombination, show_default=True, help="DE crossover probability.")
-@click.option("--seed", default=_DE.seed, show_default=True, help="Seeds A, P0 and DE: same seed, same adapter.")
+@click.option("--popsize", default=_CFG.popsize, show_default=True, help="Candidates per generation.")
+@click.option("--budget", default=_CFG.budget, show_default=True,
+              help="Candidate evaluations in all (whole generations; the first counts).")
+@click.option("--strategy", default=_CFG.strategy, show_default=True, type=click.Choice(list(_STRATEGIES)),
+              help="DE strategy.")
+@click.option("--mutation", default=",".join(map(str, _CFG.mutation)), show_default=True,
+              help="DE dithered mutation factor range LO,HI.")
+@click.option("--recombination", default=_CFG.recombination, show_default=True, help="DE crossover probability.")
+@click.option("--sigma", default=_CFG.sigma, show_default=True, help="CMA-ES initial step, as a fraction of bound.")
+@click.option("--elites", default=_CFG.elites, show_default=True,
+              help="Best candidates scored on the validation presentations to pick the result.")
+@click.option("--seed", default=_CFG.seed, show_default=True, help="Seeds A, P0, the subsets and the optimiser: "
+              "same seed, same adapter.")
 @click.option("--init", "init", default="persona", show_default=True, type=click.Choice(["persona", "vocab", "text"]),
-              help="P0: embeddings of the persona line (DE starts at ICL), of random vocab tokens, or of --init-text.")
+              help="P0: embeddings of the persona line (the search starts at it), random vocab tokens, or --init-text.")
 @click.option("--init-text", default=None, help="Text whose token embeddings form P0 (with --init text).")
-@click.option("--train-presentation", "train_pres", multiple=True, type=PRES_CHOICE,
-              help="Presentations the loss is averaged over (repeatable; default: standard).")
-@click.option("--heldout-presentation", "heldout_pres", multiple=True, type=PRES_CHOICE,
-              help="Presentations scored only at the end (default: the others).")
-@click.option("--adapters-dir", default="adapters", show_default=True, envvar="CULIGN_ADAPTERS",
-              type=click.Path(file_okay=False, path_type=Path), help="The adapter registry to save into.")
+@split_options
+@registry_option
 @click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Where per-generation checkpoints go (default: ~/.cache/culign/runs).")
 @click.option("--resume", is_flag=True, help="Continue the checkpointed run with the same settings (a larger "
               "--budget extends it); the result equals an uninterrupted run with the same seed.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def train_cmd(region, target_spec, saudi_variant, name, tokens, dim, bound, scale, popsize, budget, strategy,
-              mutation, recombination, seed, init, init_text, train_pres, heldout_pres, adapters_dir,
-              checkpoint_dir, resume, model, device, dtype, as_json):
-    """Tune a soft prompt with Differential Evolution so the frozen model's VSM 2013 indices match a region.
+def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, tokens, dim, bound, scale, popsize,
+              budget, strategy, mutation, recombination, sigma, elites, seed, init, init_text, train, heldout,
+              validation, no_validation, wording_files, adapters_dir, checkpoint_dir, resume, progress, model,
+              device, dtype, as_json):
+    """Tune a soft prompt black-box so the frozen model's VSM 2013 indices match a region on every wording.
 
-    Prints naive / persona (ICL) / DE rows, saves the adapter (PEFT prompt-tuning format + culign.json provenance,
-    report.json, radar.png) as the next version of REGION in the registry. Ctrl-C stops after saving the best
-    prompt found so far; a killed run continues with --resume.
+    Scores the naive model and the persona baseline on every presentation of the split, searches on the training
+    presentations, re-scores the result alone everywhere and saves it as the next version of REGION.
+
+    \b
+    Outputs, in <adapters-dir>/<REGION>/<version>/:
+      adapter_model.safetensors, adapter_config.json   the soft prompt (HF PEFT prompt-tuning format)
+      culign.json    provenance: base model and fingerprint, target, split, settings, seed, scores, version
+      report.json    every row's indices and losses per presentation, gain kept, noise band, search history
+      radar.png      target vs naive vs persona vs adapter, training and held-out presentations
+      loss.png       the search's best training loss against evaluations, with the baselines
+    and the table on stdout. Ctrl-C saves the best prompt so far (marked interrupted) and exits 130; a killed
+    run continues with --resume.
     """
-    from .trainer import TrainSettings, train
+    from .trainer import TrainSettings, train as run_train
 
     target = _target(region, target_spec, saudi_variant, name)
-    train_pres = list(train_pres) or ["standard"]
-    heldout_pres = list(heldout_pres) or [p for p in PRESENTATIONS if p not in train_pres]
+    survey = _survey(wording_files)
+    split = _split(survey, train, heldout, validation, no_validation)
     try:
         settings = TrainSettings(
-            de=DEConfig(tokens=tokens, dim=dim, bound=bound, scale=scale, popsize=popsize, budget=budget,
-                        strategy=strategy, mutation=_floats(mutation), recombination=recombination, seed=seed,
-                        init=init, init_text=init_text),
-            train_presentations=train_pres, heldout_presentations=heldout_pres)
+            search=SearchConfig(optimizer=optimizer, tokens=tokens, dim=dim, bound=bound, scale=scale,
+                                popsize=popsize, budget=budget, subset=subset, robust=robust, strategy=strategy,
+                                mutation=_floats(mutation), recombination=recombination, sigma=sigma, elites=elites,
+                                seed=seed, init=init, init_text=init_text),
+            split=split)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     rt = _runtime(model, device, dtype)
     from .registry import Registry, RegistryError
 
+    registry_dir = _registry_dir(adapters_dir)
     try:
-        outcome = train(rt, target, settings, Registry(adapters_dir), checkpoint_dir=checkpoint_dir, resume=resume,
-                        echo=lambda m: click.echo(m, err=True))
+        outcome = run_train(rt, survey, target, settings, Registry(registry_dir), checkpoint_dir=checkpoint_dir,
+                            resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True))
     except (ValueError, RegistryError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(outcome.report, indent=2))
     else:
         click.echo(outcome.table)
-        click.echo(f"\nsaved {outcome.adapter.ref} -> {outcome.adapter.path}"
-                   + (" (interrupted: best prompt so far)" if outcome.report["interrupted"] else ""))
+    interrupted = outcome.report["interrupted"]
+    click.echo(f"\n{'interrupted: best prompt so far ' if interrupted else ''}saved {outcome.adapter.ref} -> "
+               f"{outcome.adapter.path}\nreport: {outcome.adapter.path / 'report.json'} (radar.png, loss.png beside "
+               "it)", err=True)
+    if interrupted:
+        sys.exit(130)
 
 
 @main.group("adapters")
-@click.option("--adapters-dir", default="adapters", show_default=True, envvar="CULIGN_ADAPTERS",
-              type=click.Path(file_okay=False, path_type=Path), help="The adapter registry.")
+@registry_option
 @click.pass_context
-def adapters_group(ctx, adapters_dir: Path):
-    """List, inspect, verify and remove adapters in the registry (adapters/<REGION>/<version>/)."""
+def adapters_group(ctx, adapters_dir: Path | None):
+    """List, inspect, verify and remove adapters in the registry (<adapters-dir>/<REGION>/<version>/)."""
+    ctx.obj = {"adapters_dir": adapters_dir}
+
+
+def _registry(ctx: click.Context, adapters_dir: Path | None):
     from .registry import Registry
 
-    ctx.obj = Registry(adapters_dir)
+    return Registry(_registry_dir(adapters_dir, ctx))
 
 
 def _ref(ref: str) -> tuple[str, int | None]:
@@ -259,16 +397,21 @@ def _ref(ref: str) -> tuple[str, int | None]:
 
 
 @adapters_group.command("list")
+@registry_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-def adapters_list(registry, as_json: bool):
-    """Every version in the registry with its loss and base model; unreadable entries are reported, not fatal."""
+@click.pass_context
+def adapters_list(ctx, adapters_dir, as_json: bool):
+    """Every version in the registry with its losses and base model; unreadable entries are reported, not fatal.
+
+    Outputs: a table (or JSON) on stdout, warnings on stderr.
+    """
+    registry = _registry(ctx, adapters_dir)
     infos, warnings = registry.scan()
     if as_json:
         click.echo(json.dumps({"adapters": [i.to_dict() for i in infos], "warnings": warnings}, indent=2))
         return
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    click.echo(f"{'adapter':<12}{'tokens':>7}{'loss':>7}{'held-out':>10}  {'created':<26}base model")
+    click.echo(f"{'adapter':<12}{'tokens':>7}{'train':>7}{'held-out':>10}  {'created':<26}base model")
     for i in infos:
         click.echo(f"{i.ref:<12}{i.num_virtual_tokens:>7}{fmt(i.loss):>7}{fmt(i.heldout_loss):>10}  "
                    f"{i.created:<26}{i.base_model}")
@@ -280,12 +423,17 @@ def adapters_list(registry, as_json: bool):
 
 @adapters_group.command("show")
 @click.argument("ref")
+@registry_option
 @click.option("--json", "as_json", is_flag=True, help="The whole provenance (culign.json) as JSON.")
-@click.pass_obj
-def adapters_show(registry, ref: str, as_json: bool):
-    """Provenance and report of REF (REGION or REGION@VERSION; default the latest version)."""
+@click.pass_context
+def adapters_show(ctx, ref: str, adapters_dir, as_json: bool):
+    """Provenance and report of REF (REGION or REGION@VERSION; default the latest version).
+
+    Outputs: the provenance (or JSON) on stdout.
+    """
     from .registry import RegistryError
 
+    registry = _registry(ctx, adapters_dir)
     region, version = _ref(ref)
     try:
         info = registry.resolve(region, version)
@@ -296,26 +444,34 @@ def adapters_show(registry, ref: str, as_json: bool):
         click.echo(json.dumps(prov, indent=2, sort_keys=True))
         return
     click.echo(f"{info.ref}  {info.path}")
-    for key in ("base_model", "base_fingerprint", "created", "culign_version", "seed", "evaluations", "loss",
-                "heldout_loss", "naive_loss", "icl_loss", "option_mass", "train_presentations",
-                "heldout_presentations", "weights_sha256"):
+    for key in ("base_model", "base_fingerprint", "created", "culign_version", "seed", "optimizer", "robust",
+                "evaluations", "presentation_evaluations", "loss", "validation_loss", "heldout_loss", "gain_kept",
+                "naive_loss", "icl_loss", "option_mass", "train_presentations", "heldout_presentations",
+                "interrupted", "weights_sha256"):
         if key in prov:
-            click.echo(f"  {key:<22}{prov[key]}")
-    if "de" in prov:
-        click.echo("  de settings           " + ", ".join(f"{k}={v}" for k, v in prov["de"].items()))
-    if (info.path / "radar.png").exists():
-        click.echo(f"  radar chart           {info.path / 'radar.png'}")
+            click.echo(f"  {key:<26}{prov[key]}")
+    settings = prov.get("search") or prov.get("de")
+    if settings:
+        click.echo("  settings                  " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    for f in ("report.json", "radar.png", "loss.png"):
+        if (info.path / f).exists():
+            click.echo(f"  {f:<26}{info.path / f}")
 
 
 @adapters_group.command("verify")
 @click.argument("refs", nargs=-1)
+@registry_option
 @click.option("--model", default=None, metavar="ID_OR_DIR",
               help="Also check compatibility (hidden size, base fingerprint) with this model (default: only "
                    "integrity; 'embedded' for the embedded SmolLM2).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-def adapters_verify(registry, refs, model, as_json):
-    """Check integrity (sha256, file shapes) of REFS (default: every adapter). Exit 1 if any fails."""
+@click.pass_context
+def adapters_verify(ctx, refs, adapters_dir, model, as_json):
+    """Check integrity (sha256, file shapes) of REFS (default: every adapter). Exit 1 if any fails.
+
+    Outputs: one line per adapter (or JSON) on stdout.
+    """
+    registry = _registry(ctx, adapters_dir)
     kwargs = {}
     if model:
         rt = _runtime(None if model == "embedded" else model, None, None)
@@ -342,13 +498,18 @@ def adapters_verify(registry, refs, model, as_json):
 
 @adapters_group.command("rm")
 @click.argument("ref")
+@registry_option
 @click.option("--yes", is_flag=True, help="Remove without asking.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
-@click.pass_obj
-def adapters_rm(registry, ref: str, yes: bool, dry_run: bool):
-    """Remove REF: REGION@VERSION removes one version, REGION removes all of them."""
+@click.pass_context
+def adapters_rm(ctx, ref: str, adapters_dir, yes: bool, dry_run: bool):
+    """Remove REF: REGION@VERSION removes one version, REGION removes all of them.
+
+    Outputs: what was (or would be) removed, on stdout.
+    """
     from .registry import RegistryError
 
+    registry = _registry(ctx, adapters_dir)
     region, version = _ref(ref)
     try:
         doomed = [registry.resolve(region, version)] if version else \

@@ -1,54 +1,86 @@
-"""Differential Evolution over a low-dimensional soft-prompt space (Black-Box Tuning style).
+"""Black-box search for a soft prompt over a low-dimensional space (Black-Box Tuning style), on a robust objective.
 
 prompt(z) = P0 + (z @ A).view(tokens, hidden), z in [-bound, bound]^dim. A is a fixed random matrix rebuilt from
 the seed and scaled to the embedding table's spread; P0 is the embedding of an init text (by default the persona
-line, so DE starts where the ICL baseline is) or of random vocabulary tokens. scipy's DE solver runs vectorised
-(a whole population per call, scored in batched forward passes), one generation at a time, so that every
-generation can be checkpointed, shown, and interrupted with the best prompt kept.
+line, so the search starts where the persona baseline is) or of random vocabulary tokens.
+
+The objective is robust: a candidate's loss is computed per training presentation (wording x template x order)
+and aggregated (mean, worst, mean + k std), with the option-mass guard applied per presentation. Scoring every
+candidate on every presentation costs a forward pass per presentation, so each generation scores its candidates
+on a *subset* of the training presentations (``subset``, drawn anew per generation from the seed):
+
+- **DE** compares each trial with its parent on the same subset (paired: a parent missing one of them is scored
+  on it; scores are cached per candidate and presentation, so a parent that survives costs nothing the next
+  time the subset comes round);
+- **CMA-ES** ranks a generation's candidates on one shared subset, which is all its update needs;
+- **random search** keeps the best of each generation.
+
+After a generation, its best candidate is scored on every training presentation when it beats the best of these
+*elites* on the generation's subset; the run's result is the best elite on the full training set or, where the
+split has a validation family, the elite with the lowest validation loss among the best few. Every generation is checkpointed exactly,
+so a killed run resumes to the same result.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  # per-generation control
+from scipy.stats import qmc
 
+from .evaluation import MassGuard, PresentationScore, Robust, presentation_scores
 from .scorer import SurveyScorer
-from .survey import SurveyResult, l1_loss
+from .survey import DEFAULT_CONSTANT, DIMENSIONS
 
 
 class Init(str, Enum):
-    PERSONA = "persona"  # embeddings of the persona line's tokens (DE starts at the ICL baseline)
+    PERSONA = "persona"  # embeddings of the persona line's tokens (the search starts at the persona baseline)
     VOCAB = "vocab"  # embeddings of random vocabulary tokens
     TEXT = "text"  # embeddings of a user-given init text
 
 
+class Optimizer(str, Enum):
+    DE = "de"  # Differential Evolution (the paper's choice)
+    CMA = "cma"  # CMA-ES (Black-Box Tuning's choice), via the `cma` package
+    RANDOM = "random"  # random search: the floor any optimiser must beat
+
+
+# scipy's names, same meaning: the base vector (best / rand / current-to-best / rand-to-best), the number of
+# difference vectors, and binomial or exponential crossover
 STRATEGIES = ("best1bin", "rand1bin", "currenttobest1bin", "best2bin", "rand2bin", "randtobest1bin",
               "best1exp", "rand1exp")
 
 
 @dataclass
-class DEConfig:
+class SearchConfig:
+    optimizer: Optimizer = field(default=Optimizer.DE, metadata={"help": "de, cma or random"})
     tokens: int = field(default=8, metadata={"help": "virtual tokens in the soft prompt"})
     dim: int = field(default=64, metadata={"help": "dimension of the search space z"})
     bound: float = field(default=1.0, metadata={"help": "z lies in [-bound, bound]^dim"})
     scale: float = field(default=1.0, metadata={"help": "prompt perturbation std for z ~ U(-b, b), in units of "
                                                          "the embedding table's std"})
-    popsize: int = field(default=16, metadata={"help": "individuals in the population (not multiplied by dim)"})
+    popsize: int = field(default=16, metadata={"help": "candidates per generation"})
     budget: int = field(default=1600, metadata={"help": "candidate evaluations in all, initial population included"})
-    strategy: str = field(default="best1bin", metadata={"help": "scipy DE strategy"})
-    mutation: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "dithered mutation factor range"})
-    recombination: float = field(default=0.7, metadata={"help": "crossover probability"})
-    seed: int = field(default=0, metadata={"help": "seeds A, P0 (vocab init) and DE"})
+    subset: int = field(default=1, metadata={"help": "training presentations each generation is scored on "
+                                                      "(0: all of them)"})
+    robust: str = field(default="mean", metadata={"help": "aggregate over presentations: mean, worst, mean+Kstd"})
+    strategy: str = field(default="best1bin", metadata={"help": "DE strategy (scipy's names)"})
+    mutation: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "DE dithered mutation factor range"})
+    recombination: float = field(default=0.7, metadata={"help": "DE crossover probability"})
+    sigma: float = field(default=0.3, metadata={"help": "CMA-ES initial step size, as a fraction of bound"})
+    elites: int = field(default=8, metadata={"help": "best candidates (on the full training set) scored on the "
+                                                      "validation presentations to pick the result"})
+    seed: int = field(default=0, metadata={"help": "seeds A, P0 (vocab init), the subsets and the optimiser"})
     init: Init = field(default=Init.PERSONA, metadata={"help": "how P0 is chosen"})
     init_text: str | None = field(default=None, metadata={"help": "text for init=text (or persona override)"})
     mass_weight: float = field(default=100.0, metadata={"help": "loss added per unit of option mass below "
@@ -57,8 +89,9 @@ class DEConfig:
                                                               "a prompt is penalised"})
 
     def __post_init__(self):
-        self.init = Init(self.init)
+        self.optimizer, self.init = Optimizer(self.optimizer), Init(self.init)
         self.mutation = tuple(float(m) for m in self.mutation)  # type: ignore[assignment]
+        Robust.parse(self.robust)  # raises ValueError naming a bad aggregate
         if self.tokens < 1 or self.dim < 1:
             raise ValueError(f"tokens and dim must be >= 1, got tokens={self.tokens}, dim={self.dim}")
         if self.popsize < 5:
@@ -66,21 +99,24 @@ class DEConfig:
         if self.budget < 2 * self.popsize:
             raise ValueError(f"budget ({self.budget}) must cover the initial population and one generation "
                              f"(2 x popsize = {2 * self.popsize})")
+        if self.subset < 0:
+            raise ValueError(f"subset must be >= 0 (0 = every training presentation), got {self.subset}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if not (0 < self.mutation[0] <= self.mutation[1] <= 2):
             raise ValueError(f"mutation range must satisfy 0 < lo <= hi <= 2, got {self.mutation}")
         if not 0 <= self.recombination <= 1:
             raise ValueError(f"recombination must be in [0, 1], got {self.recombination}")
-        if self.bound <= 0 or self.scale <= 0:
-            raise ValueError("bound and scale must be > 0")
+        if self.bound <= 0 or self.scale <= 0 or self.sigma <= 0:
+            raise ValueError("bound, scale and sigma must be > 0")
+        if self.elites < 1:
+            raise ValueError(f"elites must be >= 1, got {self.elites}")
         if self.init is Init.TEXT and not self.init_text:
             raise ValueError("init=text needs init_text")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["init"] = self.init.value
-        d["mutation"] = list(self.mutation)
+        d["optimizer"], d["init"], d["mutation"] = self.optimizer.value, self.init.value, list(self.mutation)
         return d
 
     def run_key(self, *extra: str) -> str:
@@ -94,7 +130,7 @@ class PromptSpace:
     """prompt(z) = P0 + (z @ A).view(tokens, hidden); A ~ N(0, s^2) with s chosen so a uniform z in [-b, b]
     moves each prompt element by ``scale`` x the embedding std."""
 
-    def __init__(self, p0: torch.Tensor, cfg: DEConfig, embed_std: float):
+    def __init__(self, p0: torch.Tensor, cfg: SearchConfig, embed_std: float):
         self.p0 = p0.float().cpu()
         n, h = self.p0.shape
         g = torch.Generator().manual_seed(cfg.seed)
@@ -105,14 +141,14 @@ class PromptSpace:
     def prompts(self, z: np.ndarray) -> torch.Tensor:
         """z: [S, dim] -> prompts [S, tokens, hidden] (float32).
 
-        Row by row: a [S, dim] @ A matmul rounds differently for another S, so the prompt saved from DE's best z
-        (S = 1) would differ in the last bit from the one DE scored in its population, and so would its score.
+        Row by row: a [S, dim] @ A matmul rounds differently for another S, so the prompt saved from the best z
+        (S = 1) would differ in the last bit from the one that was scored in its population.
         """
         zt = torch.as_tensor(np.atleast_2d(z), dtype=torch.float32)
         return torch.stack([self.p0 + (row @ self.A).view(self.p0.shape) for row in zt])
 
 
-def initial_prompt(runtime, cfg: DEConfig, persona: str) -> torch.Tensor:
+def initial_prompt(runtime, cfg: SearchConfig, persona: str) -> torch.Tensor:
     """P0 [tokens, hidden]: embeddings of the init text's first tokens (cycled) or of random vocab tokens."""
     emb = runtime.embedding_matrix.detach().float().cpu()
     if cfg.init is Init.VOCAB:
@@ -127,66 +163,257 @@ def initial_prompt(runtime, cfg: DEConfig, persona: str) -> torch.Tensor:
     return emb[ids].clone()
 
 
+def subset_for(generation: int, names: Sequence[str], k: int, seed: int) -> list[str]:
+    """The training presentations generation ``generation`` is scored on: k drawn without replacement, from an RNG
+    seeded by (seed, generation) alone, so a resumed run draws the same subsets."""
+    if k <= 0 or k >= len(names):
+        return list(names)
+    picks = np.random.default_rng([seed, generation]).choice(len(names), size=k, replace=False)
+    return [names[i] for i in sorted(picks)]
+
+
+# ---------------------------------------------------------------------------------------------------- objective
+class RobustObjective:
+    """Per-presentation losses of candidates z, scored lazily and cached; aggregated by ``robust``.
+
+    ``train`` are the presentations the search optimises; ``validation`` (may be empty) are scored only for the
+    elites at the end. Every (z, presentation) pair is scored once (batched per presentation).
+    """
+
+    def __init__(self, scorer: SurveyScorer, space: PromptSpace, target: Mapping[str, float], train: Sequence[str],
+                 robust: Robust, guard: MassGuard, constants: Mapping[str, float] | float = DEFAULT_CONSTANT,
+                 on_scored: Callable[[int], None] | None = None):
+        self.scorer, self.space, self.target, self.train = scorer, space, target, list(train)
+        self.robust, self.guard, self.constants, self.on_scored = robust, guard, constants, on_scored
+        self.cache: dict[bytes, dict[str, PresentationScore]] = {}
+        self.presentation_evals = 0  # (candidate, presentation) pairs scored: the unit of cost
+        # per index, the lowest and highest value any (candidate, presentation) gave: a target outside this range is
+        # one the search never got near, which tells "unreachable for this model" apart from "needs more budget"
+        self.seen_range: dict[str, list[float]] = {}
+
+    @staticmethod
+    def key(z: np.ndarray) -> bytes:
+        return np.ascontiguousarray(z, dtype=np.float64).tobytes()
+
+    def scores(self, Z: np.ndarray, names: Sequence[str]) -> list[dict[str, PresentationScore]]:
+        """Per candidate (rows of Z), its scores on ``names``: the missing ones are scored now, per presentation."""
+        Z = np.atleast_2d(Z)
+        keys = [self.key(z) for z in Z]
+        for name in names:
+            todo = sorted({k for k in keys if name not in self.cache.get(k, {})}, key=keys.index)
+            if not todo:
+                continue
+            rows = np.stack([np.frombuffer(k, dtype=np.float64) for k in todo])
+            answers = self.scorer.answers(self.space.prompts(rows), [name])
+            for k, per in zip(todo, presentation_scores(self.scorer.survey, answers, self.target, self.constants)):
+                self.cache.setdefault(k, {})[name] = per[name]
+                for d, v in per[name].indices.items():
+                    lo, hi = self.seen_range.get(d, (v, v))
+                    self.seen_range[d] = [min(lo, v), max(hi, v)]
+            self.presentation_evals += len(todo)
+            if self.on_scored:
+                self.on_scored(len(todo))
+        return [{n: self.cache[k][n] for n in names} for k in keys]
+
+    def losses(self, Z: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """[S] robust aggregate of the mass-guarded per-presentation losses over ``names``."""
+        return np.array([self.robust([self.guard.loss(s[n]) for n in names]) for s in self.scores(Z, names)])
+
+    def value(self, z: np.ndarray, names: Sequence[str] | None = None) -> float:
+        return float(self.losses(z[None], names or self.train)[0])
+
+    # checkpointing: the cache entries a resumed run can still need
+    def export(self, Z: Sequence[np.ndarray]) -> dict:
+        out = {}
+        for z in Z:
+            k = self.key(z)
+            if k in self.cache:
+                out[k.hex()] = {n: s.to_dict() for n, s in self.cache[k].items()}
+        return out
+
+    def restore(self, entries: dict) -> None:
+        for hexkey, per in entries.items():
+            self.cache[bytes.fromhex(hexkey)] = {n: PresentationScore.from_dict(n, d) for n, d in per.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- optimisers
+class _DE:
+    """Differential Evolution, deferred updating, with paired selection on each generation's subset."""
+
+    def __init__(self, cfg: SearchConfig, rng: np.random.Generator):
+        self.cfg, self.rng = cfg, rng
+        self.population: np.ndarray | None = None
+        self.energies: np.ndarray | None = None  # on the last generation's subset
+
+    def start(self, objective: RobustObjective, subset: list[str]) -> np.ndarray:
+        cfg = self.cfg
+        # z = 0 (exactly P0) plus a Latin hypercube over the box, as scipy's DE starts
+        lhs = qmc.LatinHypercube(d=cfg.dim, rng=self.rng).random(cfg.popsize - 1)
+        self.population = np.vstack([np.zeros(cfg.dim), qmc.scale(lhs, -cfg.bound, cfg.bound)])
+        self.energies = objective.losses(self.population, subset)
+        return self.population
+
+    def _mutants(self) -> np.ndarray:
+        cfg, rng, pop = self.cfg, self.rng, self.population
+        n = len(pop)
+        F = rng.uniform(*cfg.mutation)  # dithered once per generation, as scipy does
+        best = pop[int(np.argmin(self.energies))]
+        out = np.empty_like(pop)
+        for i in range(n):
+            r = rng.choice([j for j in range(n) if j != i], size=5, replace=False)
+            a, b, c, d, e = (pop[j] for j in r)
+            s = cfg.strategy
+            if s.startswith("best1"):
+                v = best + F * (b - c)
+            elif s.startswith("rand1"):
+                v = a + F * (b - c)
+            elif s.startswith("currenttobest1"):
+                v = pop[i] + F * (best - pop[i]) + F * (b - c)
+            elif s.startswith("best2"):
+                v = best + F * (b - c + d - e)
+            elif s.startswith("rand2"):
+                v = a + F * (b - c + d - e)
+            else:  # randtobest1
+                v = a + F * (best - a) + F * (b - c)
+            trial = pop[i].copy()
+            if s.endswith("bin"):
+                take = rng.random(cfg.dim) < cfg.recombination
+                take[rng.integers(cfg.dim)] = True  # at least one coordinate from the mutant
+                trial[take] = v[take]
+            else:  # exp: a run of consecutive coordinates from a random start
+                j, L = int(rng.integers(cfg.dim)), 0
+                while True:
+                    trial[(j + L) % cfg.dim] = v[(j + L) % cfg.dim]
+                    L += 1
+                    if L >= cfg.dim or rng.random() >= cfg.recombination:
+                        break
+            outside = np.abs(trial) > cfg.bound  # like scipy: a coordinate pushed out of the box is re-drawn
+            trial[outside] = rng.uniform(-cfg.bound, cfg.bound, size=int(outside.sum()))
+            out[i] = trial
+        return out
+
+    def step(self, objective: RobustObjective, subset: list[str]) -> np.ndarray:
+        trials = self._mutants()
+        both = objective.losses(np.vstack([trials, self.population]), subset)  # parents re-scored where missing
+        trial_e, parent_e = both[: len(trials)], both[len(trials):]
+        better = trial_e <= parent_e
+        self.population = np.where(better[:, None], trials, self.population)
+        self.energies = np.where(better, trial_e, parent_e)
+        return trials
+
+    def state(self) -> dict:
+        return {"population": self.population.tolist(), "energies": self.energies.tolist(),
+                "rng": self.rng.bit_generator.state}
+
+    def load(self, st: dict) -> None:
+        self.population, self.energies = np.array(st["population"]), np.array(st["energies"])
+        self.rng.bit_generator.state = st["rng"]
+
+    def members(self) -> list[np.ndarray]:
+        return list(self.population)
+
+    def best(self) -> np.ndarray:
+        return self.population[int(np.argmin(self.energies))]
+
+
+class _CMA:
+    """CMA-ES (the `cma` package) in the box, ranking each generation on its subset."""
+
+    def __init__(self, cfg: SearchConfig, rng: np.random.Generator):
+        import cma  # an optional dependency: imported only when asked for
+
+        self.cfg, self.rng = cfg, rng
+        # cma draws from numpy's global RNG, seeded by its 'seed' option; its state is checkpointed with the run
+        self.es = cma.CMAEvolutionStrategy(np.zeros(cfg.dim), cfg.sigma * cfg.bound,
+                                           {"popsize": cfg.popsize, "bounds": [-cfg.bound, cfg.bound],
+                                            "seed": cfg.seed + 1, "verbose": -9, "tolfun": 0, "tolx": 0,
+                                            "tolfunhist": 0, "tolstagnation": 10**9})
+        self.last: np.ndarray | None = None
+        self.last_e: np.ndarray | None = None
+
+    def start(self, objective: RobustObjective, subset: list[str]) -> np.ndarray:
+        return self.step(objective, subset)  # the distribution's mean starts at z = 0, the persona start
+
+    def step(self, objective: RobustObjective, subset: list[str]) -> np.ndarray:
+        Z = np.array(self.es.ask())
+        e = objective.losses(Z, subset)
+        self.es.tell(list(Z), list(e))
+        self.last, self.last_e = Z, e
+        return Z
+
+    def state(self) -> dict:
+        blob = pickle.dumps((self.es, np.random.get_state(), self.last, self.last_e))
+        return {"pickle": base64.b64encode(blob).decode()}
+
+    def load(self, st: dict) -> None:
+        # The run's own checkpoint, written by this code into the user's cache: unpickling it is safe.
+        self.es, rs, self.last, self.last_e = pickle.loads(base64.b64decode(st["pickle"]))
+        np.random.set_state(rs)
+
+    def members(self) -> list[np.ndarray]:
+        return [] if self.last is None else list(self.last)
+
+    def best(self) -> np.ndarray:
+        return self.last[int(np.argmin(self.last_e))]
+
+
+class _Random:
+    """Random search: popsize uniform samples from the box per generation (z = 0 among the first)."""
+
+    def __init__(self, cfg: SearchConfig, rng: np.random.Generator):
+        self.cfg, self.rng = cfg, rng
+        self.last: np.ndarray | None = None
+        self.last_e: np.ndarray | None = None
+
+    def start(self, objective: RobustObjective, subset: list[str]) -> np.ndarray:
+        return self.step(objective, subset, first=True)
+
+    def step(self, objective: RobustObjective, subset: list[str], first: bool = False) -> np.ndarray:
+        Z = self.rng.uniform(-self.cfg.bound, self.cfg.bound, size=(self.cfg.popsize, self.cfg.dim))
+        if first:
+            Z[0] = 0.0
+        self.last, self.last_e = Z, objective.losses(Z, subset)
+        return Z
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load(self, st: dict) -> None:
+        self.rng.bit_generator.state = st["rng"]
+
+    def members(self) -> list[np.ndarray]:
+        return []
+
+    def best(self) -> np.ndarray:
+        return self.last[int(np.argmin(self.last_e))]
+
+
+_OPTIMIZERS = {Optimizer.DE: _DE, Optimizer.CMA: _CMA, Optimizer.RANDOM: _Random}
+
+
+# ---------------------------------------------------------------------------------------------------- the run
 @dataclass
 class Progress:
     generation: int
     nfev: int
-    best_loss: float
-    best: SurveyResult
+    presentation_evals: int
+    best_loss: float  # the best elite's objective on every training presentation
+    best_indices: dict[str, float]
+    best_mass: float
     elapsed_s: float
-
-
-class Objective:
-    """Vectorised DE objective: x [dim, S] -> losses [S]; remembers the best candidate ever evaluated."""
-
-    def __init__(self, scorer: SurveyScorer, space: PromptSpace, target: dict[str, float], cfg: DEConfig,
-                 ref_mass: float, on_batch: Callable[[int], None] | None = None):
-        self.scorer, self.space, self.target, self.cfg, self.ref_mass = scorer, space, target, cfg, ref_mass
-        self.on_batch = on_batch
-        self.best_loss, self.best_z, self.best_result = math.inf, None, None
-        self.nfev = 0
-        # per index, the lowest and highest value any evaluated prompt gave: a target outside this range is one
-        # DE never got near, which tells "unreachable for this model" apart from "needs more budget"
-        self.seen_range: dict[str, list[float]] = {}
-
-    def loss_of(self, r: SurveyResult) -> float:
-        # L1 averaged over the training presentations, plus a penalty when the prompt wins by collapsing the
-        # answer distribution (option mass far below the naive model's)
-        l1 = sum(l1_loss(ind, self.target) for ind in r.per_presentation.values()) / len(r.per_presentation)
-        shortfall = max(0.0, self.cfg.mass_floor * self.ref_mass - r.option_mass)
-        return l1 + self.cfg.mass_weight * shortfall
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        z = np.atleast_2d(x.T)  # scipy passes [dim, S]
-        results = self.scorer.score(self.space.prompts(z))
-        losses = np.array([self.loss_of(r) for r in results])
-        for r in results:
-            for dim, value in r.indices.items():
-                lo, hi = self.seen_range.get(dim, (value, value))
-                self.seen_range[dim] = [min(lo, value), max(hi, value)]
-        i = int(np.argmin(losses))
-        if losses[i] < self.best_loss:
-            self.best_loss, self.best_z, self.best_result = float(losses[i]), z[i].copy(), results[i]
-        self.nfev += len(losses)
-        if self.on_batch:
-            self.on_batch(len(losses))
-        return losses
 
 
 @dataclass
 class Checkpoint:
-    """Everything needed to continue a run exactly: population (solver's unit space), energies, RNG, history."""
+    """Everything needed to continue a run exactly: optimiser state, cached scores still needed, elites, history."""
     run_key: str
     generation: int
-    nfev: int  # candidate evaluations
-    solver_calls: int  # scipy's own counter (vectorised calls)
-    population: list[list[float]]
-    energies: list[float]
-    rng_state: dict
-    sample_order: list[int]  # scipy shuffles this index array in place when picking partners: hidden state
-    best_loss: float
-    best_z: list[float]
-    history: list[list[float]]  # [nfev, best loss] per generation
+    nfev: int
+    presentation_evals: int
+    optimizer: dict
+    cache: dict
+    elites: list[list[float]]  # z of the best candidates on the full training set, best first
+    history: list[list[float]]  # [nfev, best elite objective] per generation
     elapsed_s: float
     seen_range: dict[str, list[float]] = field(default_factory=dict)
 
@@ -202,74 +429,94 @@ class Checkpoint:
 
 
 @dataclass
-class DEResult:
+class SearchResult:
     z: np.ndarray
     prompt: torch.Tensor
-    loss: float
-    result: SurveyResult
+    objective: float  # the robust training objective of the result, as the search scored it
     nfev: int
+    presentation_evals: int
     generations: int
     history: list[list[float]]
     elapsed_s: float
     interrupted: bool
     resumed_from: int | None
-    seen_range: dict[str, list[float]]  # index -> [min, max] over every evaluated prompt
+    seen_range: dict[str, list[float]]  # index -> [min, max] over every evaluated candidate and presentation
+    selected_by: str  # "train" or "validation"
+    elites: list[dict] = field(default_factory=list)  # [{train, validation}] of the candidates considered
 
 
-def run_de(scorer: SurveyScorer, space: PromptSpace, target: dict[str, float], cfg: DEConfig, *,
-           ref_mass: float, checkpoint: Path | None = None, resume: bool = False, run_key: str = "",
-           on_generation: Callable[[Progress], None] | None = None,
-           on_batch: Callable[[int], None] | None = None) -> DEResult:
-    """Run DE until the budget is spent (or Ctrl-C), checkpointing after every generation.
+def _elite_order(objective: RobustObjective, elites: list[np.ndarray]) -> list[np.ndarray]:
+    return sorted(elites, key=lambda z: objective.value(z))
 
-    The budget counts candidate evaluations and is spent in whole generations of ``popsize`` (the initial
-    population included), rounded down. (scipy's own ``maxfun`` counts calls when vectorised, so it is not used.)
+
+def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Sequence[str] = (),
+               checkpoint: Path | None = None, resume: bool = False, run_key: str = "",
+               on_generation: Callable[[Progress], None] | None = None,
+               on_batch: Callable[[int], None] | None = None) -> SearchResult:
+    """Search until the budget is spent (or Ctrl-C), checkpointing after every generation.
+
+    The budget counts candidates (the initial population included) and is spent in whole generations of
+    ``popsize``, rounded down. ``on_batch`` is told how many candidates each generation added.
     """
-    objective = Objective(scorer, space, target, cfg, ref_mass, on_batch)
     rng = np.random.default_rng(cfg.seed)
-    # explicit initial population: z = 0 (exactly P0) plus uniform samples, so popsize is the population size
-    init = rng.uniform(-cfg.bound, cfg.bound, size=(cfg.popsize, cfg.dim))
-    init[0] = 0.0
-    solver = DifferentialEvolutionSolver(
-        objective, [(-cfg.bound, cfg.bound)] * cfg.dim, strategy=cfg.strategy, maxiter=10**9, popsize=cfg.popsize,
-        tol=0, atol=0, mutation=cfg.mutation, recombination=cfg.recombination, rng=rng, maxfun=10**9,
-        polish=False, init=init, updating="deferred", vectorized=True)
-    generation, history, elapsed0, resumed_from = 0, [], 0.0, None
+    opt = _OPTIMIZERS[cfg.optimizer](cfg, rng)
+    train = objective.train
+    generation, nfev, history, elites, elapsed0, resumed_from = 0, 0, [], [], 0.0, None
     if resume and checkpoint is not None and checkpoint.exists():
         ck = Checkpoint.load(checkpoint)
         if ck.run_key != run_key:
             raise ValueError(f"checkpoint {checkpoint} belongs to a different run (settings, target or model "
                              "changed); remove it or drop --resume")
-        solver.population = np.array(ck.population)
-        solver.population_energies = np.array(ck.energies)
-        solver.random_number_generator.bit_generator.state = ck.rng_state
-        solver._random_population_index = np.array(ck.sample_order)
-        solver._nfev = ck.solver_calls
-        objective.nfev, objective.best_loss, objective.best_z = ck.nfev, ck.best_loss, np.array(ck.best_z)
-        objective.seen_range = ck.seen_range
-        generation, history, elapsed0, resumed_from = ck.generation, ck.history, ck.elapsed_s, ck.generation
+        opt.load(ck.optimizer)
+        objective.restore(ck.cache)
+        objective.presentation_evals, objective.seen_range = ck.presentation_evals, ck.seen_range
+        generation, nfev, history, elapsed0 = ck.generation, ck.nfev, ck.history, ck.elapsed_s
+        elites, resumed_from = [np.array(z) for z in ck.elites], ck.generation
     t0 = time.perf_counter()
     interrupted = False
+
     try:
-        while objective.nfev + cfg.popsize <= cfg.budget:
-            next(solver)
+        while nfev + cfg.popsize <= cfg.budget:
+            subset = subset_for(generation, train, cfg.subset, cfg.seed)
+            if generation == 0:
+                opt.start(objective, subset)
+            else:
+                opt.step(objective, subset)
             generation += 1
-            history.append([objective.nfev, float(solver.population_energies[0])])
+            nfev += cfg.popsize
+            if on_batch:
+                on_batch(cfg.popsize)
+            # elite: the generation's best is scored on every training presentation when it beats the best elite
+            # on this generation's subset (the elite's scores there are cached: the comparison is free), so only
+            # promising candidates cost a full scoring
+            best = opt.best()
+            if not any(np.array_equal(best, e) for e in elites) and (
+                    not elites or objective.losses(best[None], subset)[0] < objective.losses(elites[0][None], subset)[0]):
+                elites = _elite_order(objective, elites + [best.copy()])[: cfg.elites]
+            top = elites[0]
+            history.append([nfev, objective.value(top)])
             elapsed = elapsed0 + time.perf_counter() - t0
             if checkpoint is not None:
-                best_z = objective.best_z if objective.best_z is not None else np.zeros(cfg.dim)
-                Checkpoint(run_key, generation, objective.nfev, int(solver._nfev), solver.population.tolist(),
-                           solver.population_energies.tolist(), solver.random_number_generator.bit_generator.state,
-                           solver._random_population_index.tolist(),
-                           float(objective.best_loss), list(map(float, best_z)), history, elapsed,
+                keep = opt.members() + elites
+                Checkpoint(run_key, generation, nfev, objective.presentation_evals, opt.state(),
+                           objective.export(keep), [list(map(float, z)) for z in elites], history, elapsed,
                            objective.seen_range).save(checkpoint)
-            if on_generation and objective.best_result is not None:
-                on_generation(Progress(generation, objective.nfev, objective.best_loss, objective.best_result,
-                                       elapsed))
+            if on_generation:
+                s = objective.scores(top[None], train)[0]
+                on_generation(Progress(generation, nfev, objective.presentation_evals, history[-1][1],
+                                       {d: sum(x.indices[d] for x in s.values()) / len(s) for d in DIMENSIONS},
+                                       sum(x.option_mass for x in s.values()) / len(s), elapsed))
     except KeyboardInterrupt:
         interrupted = True  # keep the best prompt evaluated so far
-    best_z = objective.best_z if objective.best_z is not None else np.zeros(cfg.dim)
-    best_result = objective.best_result or scorer.score(space.prompts(best_z))[0]
-    return DEResult(best_z, space.prompts(best_z)[0], objective.loss_of(best_result), best_result,
-                    objective.nfev, generation, history, elapsed0 + time.perf_counter() - t0, interrupted,
-                    resumed_from, objective.seen_range)
+    if not elites:
+        elites = [np.zeros(cfg.dim)]
+    chosen, selected_by, considered = elites[0], "train", []
+    if validation and not interrupted:
+        # the elite that generalises best to presentations the search never used (never the held-out ones)
+        vals = [objective.value(z, list(validation)) for z in elites]
+        considered = [{"train": objective.value(z), "validation": v} for z, v in zip(elites, vals)]
+        chosen, selected_by = elites[int(np.argmin(vals))], "validation"
+    return SearchResult(chosen, objective.space.prompts(chosen)[0], objective.value(chosen),
+                        nfev, objective.presentation_evals, generation, history,
+                        elapsed0 + time.perf_counter() - t0, interrupted, resumed_from, objective.seen_range,
+                        selected_by, considered)

@@ -332,11 +332,10 @@ class Runtime:
         cache repeated Q times (right-padded: causal attention means padding after the answer position cannot
         change it). Logits are computed only at the answer position.
 
-        Candidates run ``block`` at a time and a short last block is padded with copies of its first row, so every
-        forward has the same shapes. That makes a candidate's score a function of the candidate alone: in bf16 the
-        kernels chosen for another batch size round differently (up to 0.18 on an expected answer, ~6 index points
-        on SmolLM2), so without it a prompt scored in a DE population and the same prompt scored alone by `eval`
-        would disagree, and DE would select for lucky rounding.
+        Candidates run ``block`` at a time (the last block may be shorter: it is not padded, so scoring one
+        candidate costs one candidate). Kernels chosen for another batch size may round differently (~1e-7 relative
+        in float32; in bf16 up to 0.18 on an expected answer), so a number that is reported or saved is always the
+        prompt re-scored alone, the way `culign eval` scores it.
         """
         from transformers import DynamicCache
 
@@ -365,10 +364,7 @@ class Runtime:
         out: list[list[torch.Tensor]] = [[] for _ in groups]
         for start in range(0, S, block):
             sp = soft_prompts[start:start + block]
-            real = sp.shape[0]
-            if real < block:  # same shapes every time: see the docstring
-                sp = torch.cat([sp, sp[:1].expand(block - real, -1, -1)])
-            b = block
+            b = sp.shape[0]
             cache = DynamicCache(config=self.model.config)
             self.model.base_model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
                                   position_ids=torch.arange(P0, device=self.device).unsqueeze(0),
@@ -391,7 +387,7 @@ class Runtime:
                     **self._kv(cache), use_cache=True).last_hidden_state  # [b*Q, Ls, d], final norm applied
                 last = hidden[torch.arange(b * Q, device=self.device), (lengths - 1).repeat(b)]
                 logits = self._head(last)  # full vocab at the answer position only: ~0.4 % of the forward
-                out[g].append(logits.log_softmax(-1)[:, opt].view(b, Q, len(opt))[:real])
+                out[g].append(logits.log_softmax(-1)[:, opt].view(b, Q, len(opt)))
         return [torch.cat(parts) for parts in out]
 
     # ------------------------------------------------------------------ generation

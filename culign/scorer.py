@@ -1,19 +1,23 @@
-"""Survey scoring on a model: many candidate soft prompts x 24 items in batched forward passes.
+"""Survey scoring on a model: many candidate soft prompts x 24 items x presentations, in batched forward passes.
 
 Glue between the instrument (``survey``) and the model (``runtime``): tokenises every item of every presentation
 once, splits off the token prefix all items share (system turn and chat header: run once per candidate, its KV
-cache reused by the 24 items), and turns option-token probabilities into expected answers and indices.
+cache reused by the 24 items) and the prefix each stem/scale group shares, and turns option-token probabilities
+into expected answers per item. What those answers mean (indices, losses) is ``evaluation``'s business.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from .runtime import DEFAULT_BLOCK, Runtime
-from .survey import ANSWERS, DEFAULT_CONSTANT, Presentation, Survey, SurveyResult, get_presentation, summarize
+from .runtime import DEFAULT_BLOCK, Runtime, cache_root, cpu_capability
+from .survey import ANSWERS, Presentation, Survey
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -34,48 +38,80 @@ class _Group:
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class PreparedPresentation:
     presentation: Presentation
     shared: list[int]  # the prefix every item shares (system turn, chat header): once per candidate
     groups: list[_Group]  # prefixes below are relative to ``shared``
     answer_of_digit: torch.Tensor  # [5] answer value (1..5) meant by option digit 1..5
 
+    @property
+    def tokens(self) -> int:
+        """Real tokens one candidate costs on this presentation (virtual tokens and padding not counted)."""
+        return len(self.shared) + sum(len(g.prefix) + sum(len(s) for s in g.suffixes) for g in self.groups)
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A presentation's answers for S candidates: expected answer per item on the 1..5 scale, and option mass."""
+    expected: torch.Tensor  # [S, Q]
+    mass: torch.Tensor  # [S, Q]: probability on the option digits (the rest went to other tokens)
+
 
 class SurveyScorer:
-    """Scores soft prompts on a survey under one or more presentations (optionally with a persona line)."""
+    """Scores soft prompts on a survey under one or more presentations (optionally with a persona line).
 
-    def __init__(self, runtime: Runtime, survey: Survey, presentations: Sequence[str | Presentation] = ("standard",),
-                 persona: str | None = None, constants: Mapping[str, float] | float = DEFAULT_CONSTANT,
-                 block: int | None = None):
-        self.runtime, self.survey, self.persona, self.constants = runtime, survey, persona, constants
-        # candidates per forward; fixed, so that scores do not depend on how many candidates are scored together
+    The bare model's answers (no soft prompt: the naive and persona baselines) depend only on the model, the
+    tokens and the machine, so they are kept on disk (``answer_cache``, default ``~/.cache/culign/answers``;
+    ``CULIGN_ANSWER_CACHE=0`` turns it off): every later run and `culign eval` reads them instead of re-scoring.
+    """
+
+    def __init__(self, runtime: Runtime, survey: Survey, presentations: Sequence[str | Presentation],
+                 persona: str | None = None, block: int | None = None, answer_cache: Path | None = None):
+        self.runtime, self.survey, self.persona = runtime, survey, persona
+        if answer_cache is None and os.environ.get("CULIGN_ANSWER_CACHE", "1") not in ("0", "false", "no", ""):
+            answer_cache = cache_root() / "answers"
+        self.answer_cache = answer_cache
+        # candidates per forward: 8 was the fastest on SmolLM2 / 2 cores; a last, shorter block runs as it is
         self.block = block or int(os.environ.get("CULIGN_SCORE_BLOCK", DEFAULT_BLOCK))
         self.option_ids = runtime.option_token_ids([str(d) for d in ANSWERS])
-        self.prepared: list[_Prepared] = []
+        self.prepared: dict[str, PreparedPresentation] = {}
         for p in presentations:
-            pres = get_presentation(p) if isinstance(p, str) else p
-            ids = [runtime.chat_ids(pres.messages(item, persona), pres.prefill) for item in survey.items]
-            by_key: dict[tuple, list[int]] = {}
-            for pos, item in enumerate(survey.items):
-                by_key.setdefault((item.stem, tuple(sorted(item.scale.items()))), []).append(pos)
-            shared = _common_prefix_len(ids)
-            groups = []
-            for positions in by_key.values():
-                k = _common_prefix_len([ids[i] for i in positions])
-                groups.append(_Group(positions, ids[positions[0]][shared:k], [ids[i][k:] for i in positions]))
-            answers = torch.tensor([float(pres.digit_to_answer(d)) for d in ANSWERS])
-            self.prepared.append(_Prepared(pres, ids[0][:shared], groups, answers))
+            pres = survey.presentation(p) if isinstance(p, str) else p
+            if pres.name not in self.prepared:
+                self.prepared[pres.name] = self._prepare(pres)
+
+    def _prepare(self, pres: Presentation) -> PreparedPresentation:
+        items = self.survey.items
+        ids = [self.runtime.chat_ids(pres.messages(item.id, self.persona), pres.prefill) for item in items]
+        by_key: dict[tuple, list[int]] = {}
+        for pos, item in enumerate(items):
+            worded = pres.item(item.id)
+            by_key.setdefault((worded.stem, tuple(sorted(worded.scale.items()))), []).append(pos)
+        shared = _common_prefix_len(ids)
+        groups = []
+        for positions in by_key.values():
+            k = _common_prefix_len([ids[i] for i in positions])
+            groups.append(_Group(positions, ids[positions[0]][shared:k], [ids[i][k:] for i in positions]))
+        answers = torch.tensor([float(pres.digit_to_answer(d)) for d in ANSWERS])
+        return PreparedPresentation(pres, ids[0][:shared], groups, answers)
 
     @property
-    def tokens_per_candidate(self) -> int:
-        """Tokens one candidate costs across presentations (each shared prefix counted once)."""
-        return sum(len(p.shared) + sum(len(g.prefix) + sum(len(s) for s in g.suffixes) for g in p.groups)
-                   for p in self.prepared)
+    def names(self) -> list[str]:
+        return list(self.prepared)
 
-    def answer_probs(self, soft_prompts: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per presentation: (expected answer [S, Q] on the 1..5 scale, option mass [S, Q])."""
+    def tokens(self, name: str) -> int:
+        return self.prepared[name].tokens
+
+    def answers(self, soft_prompts: torch.Tensor | None, names: Sequence[str] | None = None) -> dict[str, Answers]:
+        """Per presentation (all, or ``names``): the answers of each soft prompt (``[S, n, hidden]``; None: the bare
+        model, S = 1)."""
         out = {}
-        for p in self.prepared:
+        for name in names if names is not None else self.prepared:
+            p = self.prepared[name]
+            cached = self._cached(p) if soft_prompts is None else None
+            if cached is not None:
+                out[name] = cached
+                continue
             parts = self.runtime.option_logprobs(p.shared, [(g.prefix, g.suffixes) for g in p.groups],
                                                  soft_prompts, self.option_ids, block=self.block)
             logp = torch.empty(parts[0].shape[0], len(self.survey.items), len(self.option_ids))
@@ -83,18 +119,37 @@ class SurveyScorer:
                 logp[:, g.positions] = part.cpu()
             probs = logp.exp()
             mass = probs.sum(-1)
-            expected = (probs / mass.unsqueeze(-1)) @ p.answer_of_digit
-            out[p.presentation.name] = (expected, mass)
+            out[name] = Answers((probs / mass.unsqueeze(-1)) @ p.answer_of_digit, mass)
+            if soft_prompts is None:
+                self._store(p, out[name])
         return out
 
-    def score(self, soft_prompts: torch.Tensor | None) -> list[SurveyResult]:
-        """One SurveyResult per soft prompt (``[S, n, hidden]``; None scores the bare model once)."""
-        probs = self.answer_probs(soft_prompts)
-        S = next(iter(probs.values()))[0].shape[0]
-        ids = [it.id for it in self.survey.items]
-        results = []
-        for s in range(S):
-            by_pres = {name: dict(zip(ids, exp[s].tolist())) for name, (exp, _) in probs.items()}
-            mass = float(torch.stack([m[s] for _, m in probs.values()]).mean())
-            results.append(summarize(self.survey, by_pres, mass, self.constants))
-        return results
+    # ------------------------------------------------------------------ the bare model's answers, on disk
+    def _cache_file(self, p: PreparedPresentation) -> Path | None:
+        if self.answer_cache is None:
+            return None
+        rt = self.runtime
+        key = json.dumps([rt.fingerprint, str(rt.dtype), rt.device.type, cpu_capability(), torch.__version__,
+                          p.shared, [(g.positions, g.prefix, g.suffixes) for g in p.groups], self.option_ids,
+                          p.answer_of_digit.tolist()])
+        return self.answer_cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+    def _cached(self, p: PreparedPresentation) -> Answers | None:
+        path = self._cache_file(p)
+        try:
+            d = json.loads(path.read_text()) if path else None
+            return None if d is None else Answers(torch.tensor(d["expected"]), torch.tensor(d["mass"]))
+        except (OSError, ValueError, KeyError):
+            return None  # absent or unreadable: score it (and rewrite it)
+
+    def _store(self, p: PreparedPresentation, a: Answers) -> None:
+        path = self._cache_file(p)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"expected": a.expected.tolist(), "mass": a.mass.tolist()}))
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except OSError:
+            pass  # a read-only cache only costs speed

@@ -1,68 +1,423 @@
-"""The VSM 2013 instrument as data: items, presentations (how an item is put to a model), index formulas, L1 loss.
+"""The VSM 2013 instrument as data: items, wordings, templates, presentations, the train / validation / held-out
+split, the index formulas and the L1 loss.
 
-Knows nothing of torch or HTTP. The instrument is a JSON data file (``culign/data/vsm2013.json``) so a user can
-swap in another survey with the same shape (items with a 1..5 scale, formulas as ``[coef, i, j]`` terms).
+Knows nothing of torch or HTTP. Everything is a data file under ``culign/data`` so a user can add a wording or swap
+in another instrument of the same shape:
+
+- ``vsm2013.json``: the 24 items in the official wording (stem, text, five labels), the index formulas.
+- ``wordings/*.json``: other complete wordings of the same 24 items (same meaning, same answer direction).
+- ``templates.json``: how an item is put to a chat model (system line, user turn, option format, prefill).
+
+A *presentation* is wording x template x order, named ``wording/template/order`` (``vsm/chat/asc``). ``asc`` lists
+digit k as answer k; ``desc`` renumbers the scale (digit k means answer 6-k) and is mapped back when scoring.
+Each presentation belongs to three *families* (``wording:vsm``, ``template:chat``, ``order:asc``); the default
+split holds whole families out of training, so a held-out score measures a wording or a template the optimiser
+never saw in any combination.
 
 VSM 2013 questionnaire: copyright Geert Hofstede BV, offered free for academic research (see NOTICE).
 """
 from __future__ import annotations
 
+import fnmatch
+import itertools
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 DIMENSIONS = ("PDI", "IDV", "MAS", "UAI", "LTO", "IVR")
 ANSWERS = (1, 2, 3, 4, 5)
+ORDERS = ("asc", "desc")
+OFFICIAL_WORDING = "vsm"
 
 # Default index constant C for every dimension: a respondent answering the same everywhere (e.g. the midpoint)
 # has all item differences 0 and scores exactly C, so 50 puts "no preference" in the middle of Hofstede's 0..100.
 DEFAULT_CONSTANT = 50.0
 
+# The names culign used before wordings and templates were data (adapters and reports made then still say them).
+LEGACY_NAMES = {"standard": "vsm/chat/asc", "reversed": "vsm/chat/desc", "inline": "vsm/inline/asc"}
+TEMPLATE_FIELDS = ("system", "user_template", "option_format", "option_joiner", "prefill")
 
+
+class SurveyDataError(ValueError):
+    """A wording, template or instrument file that does not hold what culign needs; the message names the file
+    and the item or field."""
+
+
+def _where(source: str, item_id: int | None = None, line: int | None = None) -> str:
+    return source + (f", item {item_id}" if item_id is not None else "") + (f" (line {line})" if line else "")
+
+
+def _line_of(text: str, item_id: int) -> int | None:
+    """The line where item ``item_id`` starts in a JSON file, for error messages (best effort)."""
+    for needle in (f'"id": {item_id},', f'"id": {item_id}\n', f'"id":{item_id},'):
+        pos = text.find(needle)
+        if pos >= 0:
+            return text.count("\n", 0, pos) + 1
+    return None
+
+
+def _read_json(source: str, text: str) -> dict:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SurveyDataError(f"{source}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise SurveyDataError(f"{source}: expected a JSON object at the top level")
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------------- items
 @dataclass(frozen=True)
 class Item:
     id: int
-    section: str
     stem: str | None
     text: str
     scale: Mapping[int, str]  # answer value 1..5 -> label
+    section: str = ""
 
     @property
     def question(self) -> str:
         return f"{self.stem}\n{self.text}" if self.stem else self.text
 
 
+def _parse_items(raw_items, ids: Sequence[int] | None, source: str, text: str) -> dict[int, Item]:
+    """Items from a file's ``items`` list; every id of ``ids`` exactly once (when given), five labels each."""
+    if not isinstance(raw_items, list):
+        raise SurveyDataError(f"{source}: 'items' must be a list of items")
+    items: dict[int, Item] = {}
+    for n, it in enumerate(raw_items):
+        if not isinstance(it, dict) or not isinstance(it.get("id"), int) or isinstance(it.get("id"), bool):
+            raise SurveyDataError(f"{source}: entry {n + 1} of 'items' needs an integer 'id'")
+        item_id = it["id"]
+        where = _where(source, item_id, _line_of(text, item_id))
+        if item_id in items:
+            raise SurveyDataError(f"{where}: the id appears twice")
+        if ids is not None and item_id not in ids:
+            raise SurveyDataError(f"{where}: the instrument has no item {item_id} (its ids are {min(ids)}..{max(ids)})")
+        stem, body, scale = it.get("stem"), it.get("text"), it.get("scale")
+        if stem is not None and (not isinstance(stem, str) or not stem.strip()):
+            raise SurveyDataError(f"{where}: 'stem' must be a non-empty string or null")
+        if not isinstance(body, str) or not body.strip():
+            raise SurveyDataError(f"{where}: 'text' must be a non-empty string")
+        if isinstance(scale, list):
+            scale = {str(k): v for k, v in zip(ANSWERS, scale)} if len(scale) == 5 else scale
+        if not isinstance(scale, dict) or sorted(scale) != [str(a) for a in ANSWERS]:
+            got = sorted(scale) if isinstance(scale, dict) else scale
+            raise SurveyDataError(f"{where}: 'scale' must give five labels, for answers 1..5; got {got!r}")
+        for k, label in scale.items():
+            if not isinstance(label, str) or not label.strip():
+                raise SurveyDataError(f"{where}: the label for answer {k} is empty")
+        items[item_id] = Item(item_id, stem, body, {int(k): v for k, v in scale.items()}, it.get("section", ""))
+    if ids is not None:
+        missing = [i for i in ids if i not in items]
+        if missing:
+            raise SurveyDataError(f"{source}: item(s) {', '.join(map(str, missing))} missing: a wording must give "
+                                  f"all {len(ids)} items")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------- wordings
+@dataclass(frozen=True)
+class Wording:
+    """One complete phrasing of every item: stems, texts and the five labels of each scale."""
+    name: str
+    title: str
+    note: str
+    items: Mapping[int, Item]
+    source: str = ""
+
+    @classmethod
+    def from_text(cls, text: str, source: str, ids: Sequence[int]) -> "Wording":
+        raw = _read_json(source, text)
+        name = raw.get("name")
+        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise SurveyDataError(f"{source}: 'name' must be a word of letters, digits, '-' or '_' (it is part of "
+                                  f"presentation names like NAME/chat/asc), got {name!r}")
+        return cls(name, str(raw.get("title", name)), str(raw.get("note", "")),
+                   _parse_items(raw.get("items"), ids, source, text), source)
+
+    @classmethod
+    def load(cls, path: str | Path, ids: Sequence[int]) -> "Wording":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SurveyDataError(f"{path}: cannot read the wording file: {e}") from None
+        return cls.from_text(text, str(path), ids)
+
+
+# ---------------------------------------------------------------------------------------------------- templates
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system: str
+    user_template: str  # fields {stem}, {text}, {options}; items that share a stem and scale share a token prefix
+    option_format: str  # fields {digit}, {label}
+    option_joiner: str
+    prefill: str  # assistant text right before the answer digit ("Answer: " puts ~95 % of p on the digits)
+    note: str = ""
+
+    @classmethod
+    def from_dict(cls, raw, source: str) -> "Template":
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"].isidentifier():
+            raise SurveyDataError(f"{source}: every template needs a 'name' (letters, digits, '_')")
+        where = f"{source}, template {raw['name']!r}"
+        for key in TEMPLATE_FIELDS:
+            if not isinstance(raw.get(key), str):
+                raise SurveyDataError(f"{where}: field {key!r} is missing or not a string")
+        for key, needed in (("user_template", ("{text}", "{options}")), ("option_format", ("{digit}", "{label}"))):
+            for f in needed:
+                if f not in raw[key]:
+                    raise SurveyDataError(f"{where}: {key} must contain {f}")
+        try:
+            raw["user_template"].format(stem="", text="", options="")
+            raw["option_format"].format(digit=1, label="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise SurveyDataError(f"{where}: a template field uses an unknown placeholder or stray brace: {e}") from None
+        return cls(raw["name"], *(raw[k] for k in TEMPLATE_FIELDS), note=str(raw.get("note", "")))
+
+
+# ---------------------------------------------------------------------------------------------------- presentations
+@dataclass(frozen=True)
+class Presentation:
+    """How the survey is put to a model: one wording, one template, one scale order."""
+    wording: Wording
+    template: Template
+    order: str = "asc"
+
+    @property
+    def name(self) -> str:
+        return f"{self.wording.name}/{self.template.name}/{self.order}"
+
+    @property
+    def families(self) -> tuple[str, str, str]:
+        return (f"wording:{self.wording.name}", f"template:{self.template.name}", f"order:{self.order}")
+
+    @property
+    def reverse(self) -> bool:
+        return self.order == "desc"
+
+    @property
+    def prefill(self) -> str:
+        return self.template.prefill
+
+    def digit_to_answer(self, digit: int) -> int:
+        return 6 - digit if self.reverse else digit
+
+    def item(self, item_id: int) -> Item:
+        return self.wording.items[item_id]
+
+    def options(self, item_id: int) -> str:
+        item = self.item(item_id)
+        t = self.template
+        return t.option_joiner.join(t.option_format.format(digit=d, label=item.scale[self.digit_to_answer(d)])
+                                    for d in ANSWERS)
+
+    def messages(self, item_id: int, persona: str | None = None) -> list[dict[str, str]]:
+        item, t = self.item(item_id), self.template
+        system = t.system if persona is None else f"{persona_line(persona)} {t.system}"
+        # an absent stem leaves an empty first line, which strip() removes (templates put {stem} first or on its own)
+        user = t.user_template.format(stem=item.stem or "", options=self.options(item_id), text=item.text).strip()
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def persona_line(country: str) -> str:
+    """The in-context (persona) baseline of the precursor study ('Act like you are someone from <country>')."""
+    return f"Answer as a typical person from {country} would."
+
+
+# ---------------------------------------------------------------------------------------------------- split
+@dataclass(frozen=True)
+class Split:
+    """Which presentations train, which select (validation) and which only measure (held-out), by family."""
+    train: tuple[str, ...]
+    validation: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    heldout: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def validation_names(self) -> list[str]:
+        return _unique(itertools.chain.from_iterable(self.validation.values()))
+
+    @property
+    def heldout_names(self) -> list[str]:
+        return _unique(itertools.chain.from_iterable(self.heldout.values()))
+
+    @property
+    def all_names(self) -> list[str]:
+        return _unique([*self.train, *self.validation_names, *self.heldout_names])
+
+    def leaks(self) -> list[str]:
+        """Every way a validation or held-out presentation shares something with training; [] for a sound split.
+
+        A family named after a wording, template or order (``wording:formal``) must not have that wording, template
+        or order in any training presentation; any other family must at least share no presentation with training,
+        and validation and held-out share no presentation either.
+        """
+        problems = []
+        train = set(self.train)
+        train_parts = [set(n.split("/")[i] for n in self.train) for i in range(3)]
+        for role, families in (("validation", self.validation), ("held-out", self.heldout)):
+            for family, names in families.items():
+                if overlap := train & set(names):
+                    problems.append(f"{role} family {family} contains training presentation(s) {sorted(overlap)}")
+                kind, _, value = family.partition(":")
+                if kind in ("wording", "template", "order"):
+                    part = ("wording", "template", "order").index(kind)
+                    if value in train_parts[part]:
+                        problems.append(f"{role} family {family}: {kind} {value!r} appears in training")
+                    if any(n.split("/")[part] != value for n in names):
+                        problems.append(f"{role} family {family} holds presentations of another {kind}")
+        if overlap := set(self.validation_names) & set(self.heldout_names):
+            problems.append(f"presentations both validation and held-out: {sorted(overlap)}")
+        return problems
+
+    def to_dict(self) -> dict:
+        return {"train": list(self.train), "validation": {k: list(v) for k, v in self.validation.items()},
+                "heldout": {k: list(v) for k, v in self.heldout.items()}}
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def _names(wordings: Sequence[str], templates: Sequence[str], orders: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"{w}/{t}/{o}" for w, t, o in itertools.product(wordings, templates, orders))
+
+
+# The default split: 3 wordings x 3 templates in ascending order train (9 presentations). Validation has a wording
+# and a template of its own; held-out has another wording, another template, the reversed order, and all three
+# new at once. Nothing in validation or held-out shares a wording, template or order with training unless the
+# family's name says which one is new. Chosen before any result was seen and never tuned to a held-out score.
+TRAIN_WORDINGS, TRAIN_TEMPLATES = ("vsm", "plain", "terse"), ("chat", "inline", "form")
+DEFAULT_SPLIT = Split(
+    train=_names(TRAIN_WORDINGS, TRAIN_TEMPLATES, ["asc"]),
+    validation={"wording:casual": _names(["casual"], TRAIN_TEMPLATES, ["asc"]),
+                "template:quiz": _names(TRAIN_WORDINGS, ["quiz"], ["asc"])},
+    heldout={"wording:formal": _names(["formal"], TRAIN_TEMPLATES, ["asc"]),
+             "template:interview": _names(TRAIN_WORDINGS, ["interview"], ["asc"]),
+             "order:desc": _names(TRAIN_WORDINGS, TRAIN_TEMPLATES, ["desc"]),
+             "unseen:all": _names(["formal"], ["interview"], ["desc"])},
+)
+
+
+# ---------------------------------------------------------------------------------------------------- the survey
 @dataclass(frozen=True)
 class Survey:
     name: str
-    items: tuple[Item, ...]
-    formulas: Mapping[str, tuple[tuple[float, int, int], ...]]  # dim -> ((coef, i, j), ...) meaning coef*(m_i - m_j)
+    items: tuple[Item, ...]  # the official wording, in instrument order
+    formulas: Mapping[str, tuple[tuple[float, int, int], ...]]  # dim -> ((coef, i, j), ...): coef*(m_i - m_j)
+    wordings: Mapping[str, Wording]
+    templates: Mapping[str, Template]
     license_note: str = ""
 
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> "Survey":
-        if path is None:
-            raw = json.loads(resources.files("culign.data").joinpath("vsm2013.json").read_text(encoding="utf-8"))
-        else:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        items = tuple(
-            Item(int(it["id"]), it.get("section", ""), it.get("stem"), it["text"],
-                 {int(k): v for k, v in it["scale"].items()})
-            for it in raw["items"]
-        )
-        formulas = {dim: tuple((float(c), int(i), int(j)) for c, i, j in f["terms"]) for dim, f in raw["formulas"].items()}
-        ids = {it.id for it in items}
-        for dim, terms in formulas.items():
-            for _, i, j in terms:
-                if i not in ids or j not in ids:
-                    raise ValueError(f"formula {dim} refers to item {i} or {j}, not in the survey")
-        for it in items:
-            if sorted(it.scale) != list(ANSWERS):
-                raise ValueError(f"item {it.id}: scale must have answers 1..5, got {sorted(it.scale)}")
-        return cls(raw.get("name", "survey"), items, formulas, raw.get("license_note", ""))
+    @property
+    def item_ids(self) -> list[int]:
+        return [it.id for it in self.items]
 
+    @classmethod
+    def load(cls, path: str | Path | None = None, wording_files: Sequence[str | Path] = ()) -> "Survey":
+        """The instrument with every wording and template shipped with culign, plus ``wording_files`` of the user's.
+
+        Everything is validated here: a bad file raises SurveyDataError naming the file and the item or field.
+        """
+        data = resources.files("culign.data")
+        if path is None:
+            source, text = "culign/data/vsm2013.json", data.joinpath("vsm2013.json").read_text(encoding="utf-8")
+        else:
+            source, text = str(path), Path(path).read_text(encoding="utf-8")
+        raw = _read_json(source, text)
+        official = _parse_items(raw.get("items"), None, source, text)
+        if not official:
+            raise SurveyDataError(f"{source}: the instrument has no items")
+        ids = list(official)
+        formulas = {}
+        for dim, f in (raw.get("formulas") or {}).items():
+            try:
+                formulas[dim] = tuple((float(c), int(i), int(j)) for c, i, j in f["terms"])
+            except (KeyError, TypeError, ValueError):
+                raise SurveyDataError(f"{source}: formula {dim} must have 'terms' as [coef, i, j] lists") from None
+            for _, i, j in formulas[dim]:
+                if i not in official or j not in official:
+                    raise SurveyDataError(f"{source}: formula {dim} refers to item {i} or {j}, not in the survey")
+        wordings = {OFFICIAL_WORDING: Wording(OFFICIAL_WORDING, "VSM 2013 (official)", "the official VSM 2013 wording",
+                                              official, source)}
+        shipped = sorted((p for p in data.joinpath("wordings").iterdir() if p.name.endswith(".json")),
+                         key=lambda p: p.name)
+        for p in shipped:
+            wordings_add(wordings, Wording.from_text(p.read_text(encoding="utf-8"), f"culign/data/wordings/{p.name}",
+                                                     ids))
+        for p in wording_files:
+            wordings_add(wordings, Wording.load(p, ids))
+        traw = _read_json("culign/data/templates.json", data.joinpath("templates.json").read_text(encoding="utf-8"))
+        templates = {}
+        for t in traw.get("templates", []):
+            tpl = Template.from_dict(t, "culign/data/templates.json")
+            templates[tpl.name] = tpl
+        return cls(raw.get("name", "survey"), tuple(official[i] for i in ids), formulas, wordings, templates,
+                   raw.get("license_note", ""))
+
+    # ------------------------------------------------------------------ presentations
+    def presentation(self, name: str) -> Presentation:
+        """``wording/template/order`` (order defaults to asc) or a legacy name (standard, reversed, inline)."""
+        full = LEGACY_NAMES.get(name, name)
+        parts = full.split("/")
+        if len(parts) == 2:
+            parts.append("asc")
+        if len(parts) != 3:
+            raise ValueError(f"unknown presentation {name!r}: expected WORDING/TEMPLATE/ORDER, e.g. vsm/chat/asc "
+                             "(`culign presentations` lists them)")
+        w, t, o = parts
+        for kind, value, known in (("wording", w, self.wordings), ("template", t, self.templates),
+                                   ("order", o, ORDERS)):
+            if value not in known:
+                raise ValueError(f"unknown {kind} {value!r} in presentation {name!r}; {kind}s: {', '.join(known)}")
+        return Presentation(self.wordings[w], self.templates[t], o)
+
+    def presentation_names(self) -> list[str]:
+        return list(_names(list(self.wordings), list(self.templates), ORDERS))
+
+    def expand(self, patterns: Iterable[str]) -> list[str]:
+        """Presentation names from names or shell patterns (``vsm/*/asc``, ``*/interview/*``), validated."""
+        names = []
+        for pattern in patterns:
+            if any(c in pattern for c in "*?["):
+                hits = fnmatch.filter(self.presentation_names(), pattern)
+                if not hits:
+                    raise ValueError(f"presentation pattern {pattern!r} matches nothing")
+                names.extend(hits)
+            else:
+                names.append(self.presentation(pattern).name)
+        return _unique(names)
+
+    def split(self, train: Sequence[str] = (), heldout: Sequence[str] = (), validation: Sequence[str] | None = None
+              ) -> Split:
+        """The default split, with training / held-out / validation presentations overridden where given.
+
+        An override given as one pattern or name becomes one family named after it. Raises ValueError for a split
+        that trains on something it holds out.
+        """
+        base = DEFAULT_SPLIT
+        tr = tuple(self.expand(train)) if train else base.train
+        ho = {p: tuple(self.expand([p])) for p in heldout} if heldout else dict(base.heldout)
+        if validation is None:
+            va = dict(base.validation)
+        else:
+            va = {p: tuple(self.expand([p])) for p in validation}
+        if train and not heldout:  # default held-out families minus whatever the user now trains on
+            ho = {k: tuple(n for n in v if n not in tr) for k, v in ho.items()}
+            ho = {k: v for k, v in ho.items() if v}
+        if train and validation is None:
+            va = {k: tuple(n for n in v if n not in tr) for k, v in va.items()}
+            va = {k: v for k, v in va.items() if v}
+        split = Split(tr, va, ho)
+        hard = [p for p in split.leaks() if "contains training" in p or "both validation" in p]
+        if hard:
+            raise ValueError("; ".join(hard))
+        return split
+
+    # ------------------------------------------------------------------ indices
     def indices(self, item_means: Mapping[int, float], constants: Mapping[str, float] | float = DEFAULT_CONSTANT
                 ) -> dict[str, float]:
         """Six indices from mean answers per item id (1..5 scale), e.g. PDI = 35(m07-m02) + 25(m20-m23) + C."""
@@ -73,106 +428,18 @@ class Survey:
         return out
 
 
+def wordings_add(wordings: dict[str, Wording], w: Wording) -> None:
+    if w.name in wordings:
+        raise SurveyDataError(f"{w.source}: a wording named {w.name!r} exists already ({wordings[w.name].source})")
+    wordings[w.name] = w
+
+
 def l1_loss(indices: Mapping[str, float], target: Mapping[str, float]) -> float:
-    """Mean absolute error over the dimensions the target has (a partial target scores only what it has)."""
+    """Mean absolute error over the dimensions the target has (a partial target scores only what it has).
+
+    The one definition of culign's loss; everything that reports a loss computes it here.
+    """
     dims = [d for d in target if target[d] is not None]
     if not dims:
         raise ValueError("target has no dimensions to compare against")
     return sum(abs(indices[d] - target[d]) for d in dims) / len(dims)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Presentations: how an item is put to a chat model. Each gives chat messages, an assistant prefill, and how the
-# digit the model picks maps back to the item's answer value (the reversed presentation renumbers the scale).
-# ---------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Presentation:
-    name: str
-    system: str
-    user_template: str  # fields: {stem}, {options}, {text}; the item's own text comes last so that items
-    # sharing a stem and scale share a token prefix (the scorer runs that prefix once for all of them)
-    option_format: str  # fields: {digit}, {label}
-    option_joiner: str
-    prefill: str  # assistant text before the answer digit: "Answer: " lifts the option mass to ~0.99 on SmolLM2
-    reverse: bool = False  # digit k means answer 6-k
-    description: str = ""
-
-    def digit_to_answer(self, digit: int) -> int:
-        return 6 - digit if self.reverse else digit
-
-    def options(self, item: Item) -> str:
-        order = ANSWERS
-        return self.option_joiner.join(
-            self.option_format.format(digit=d, label=item.scale[self.digit_to_answer(d)]) for d in order)
-
-    def messages(self, item: Item, persona: str | None = None) -> list[dict[str, str]]:
-        system = self.system if persona is None else f"{persona_line(persona)} {self.system}"
-        user = self.user_template.format(stem=item.stem or "", options=self.options(item), text=item.text).strip()
-        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
-
-
-def persona_line(country: str) -> str:
-    """The in-context (persona) baseline of the precursor study ('Act like you are someone from <country>')."""
-    return f"Answer as a typical person from {country} would."
-
-
-_STANDARD = Presentation(
-    name="standard",
-    system="You are taking a survey. Reply with the number of your answer only.",
-    user_template="{stem}\nAnswer with one number from 1 to 5:\n{options}\n\n{text}",
-    option_format="{digit} = {label}", option_joiner="\n", prefill="Answer: ",
-    description="the VSM wording, scale listed 1..5 as in the questionnaire",
-)
-PRESENTATIONS: dict[str, Presentation] = {
-    p.name: p
-    for p in (
-        _STANDARD,
-        replace(_STANDARD, name="reversed", reverse=True,
-                description="scale renumbered 5..1 (digit k means answer 6-k), mapped back when scoring"),
-        Presentation(
-            name="inline",
-            system="Please answer the following questionnaire item honestly.",
-            user_template="Options: {options}\n{stem}\nQuestion: {text}\nWhich option do you choose?",
-            option_format="({digit}) {label}", option_joiner="; ", prefill="My choice: (",
-            description="a different template: options inline, different system line and prefill",
-        ),
-    )
-}
-
-
-def get_presentation(name: str) -> Presentation:
-    try:
-        return PRESENTATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown presentation {name!r}; choose from {', '.join(PRESENTATIONS)}") from None
-
-
-@dataclass(frozen=True)
-class SurveyResult:
-    """Scores of one respondent (one soft prompt) on one or more presentations."""
-    item_means: dict[int, float]  # expected answer per item, averaged over presentations
-    option_mass: float  # mean probability mass on the option tokens (reliability diagnostic)
-    indices: dict[str, float]
-    item_std: float  # spread of answers across items: the indices are built from item-to-item differences
-    per_presentation: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> indices
-
-    def loss(self, target: Mapping[str, float]) -> float:
-        return l1_loss(self.indices, target)
-
-    def to_dict(self) -> dict:
-        return {"indices": self.indices, "option_mass": self.option_mass, "item_std": self.item_std,
-                "item_means": {str(k): v for k, v in self.item_means.items()},
-                "per_presentation": self.per_presentation}
-
-
-def summarize(survey: Survey, item_means_by_pres: Mapping[str, Mapping[int, float]], mass: float,
-              constants: Mapping[str, float] | float = DEFAULT_CONSTANT) -> SurveyResult:
-    """Combine per-presentation item means into one result (indices of the averaged answers)."""
-    names: Sequence[str] = list(item_means_by_pres)
-    ids = [it.id for it in survey.items]
-    means = {i: sum(item_means_by_pres[n][i] for n in names) / len(names) for i in ids}
-    mu = sum(means.values()) / len(means)
-    std = (sum((v - mu) ** 2 for v in means.values()) / len(means)) ** 0.5
-    per = {n: survey.indices(item_means_by_pres[n], constants) for n in names}
-    return SurveyResult(means, mass, survey.indices(means, constants), std, per)

@@ -2,8 +2,13 @@
 once per session for the integration tests)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tests score afresh: the on-disk cache of the bare model's answers is tested on its own (test_evaluation.py).
+os.environ.setdefault("CULIGN_ANSWER_CACHE", "0")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -1,4 +1,4 @@
-"""`culign adapters list|show|verify|rm` and `culign train` argument errors (no model needed)."""
+"""`culign adapters list|show|verify|rm`, `culign presentations` and `culign train` argument errors (no model)."""
 import json
 
 import pytest
@@ -64,9 +64,44 @@ def test_rm_dry_run_then_one_version_then_region(registry):
     (["--region", "US", "--mutation", "x"], "mutation"),
     (["--region", "Atlantis"], "unknown region"),
     (["--region", "US", "--target", "PDI=3"], "exactly one"),
-    (["--region", "US", "--train-presentation", "standard", "--heldout-presentation", "standard"], "both"),
+    (["--region", "US", "--train-presentation", "standard", "--heldout-presentation", "standard"],
+     "contains training"),
     (["--region", "US", "--budget", "16"], "budget"),
+    (["--region", "US", "--robust", "median"], "robust aggregate"),
+    (["--region", "US", "--optimizer", "sgd"], "optimizer"),
+    (["--region", "US", "--train-presentation", "vsm/nope/asc"], "unknown template"),
 ])
 def test_train_rejects_bad_arguments_before_loading_a_model(args, msg):
     r = CliRunner().invoke(main, ["train", *args])
     assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+
+
+def test_adapters_dir_after_the_subcommand_and_the_default_registry(registry, tmp_path, monkeypatch):
+    r = CliRunner().invoke(main, ["adapters", "list", "--adapters-dir", str(registry.root)])
+    assert r.exit_code == 0 and "US@2" in r.output
+    r = CliRunner().invoke(main, ["adapters", "show", "US", "--adapters-dir", str(registry.root), "--json"])
+    assert json.loads(r.output)["version"] == 2
+    monkeypatch.chdir(tmp_path)  # no --adapters-dir, no CULIGN_ADAPTERS: the user's ./runs/adapters, never ./adapters
+    monkeypatch.delenv("CULIGN_ADAPTERS", raising=False)
+    r = CliRunner().invoke(main, ["adapters", "list"])
+    assert r.exit_code == 0 and "no adapters in runs/adapters" in r.output
+    monkeypatch.setenv("CULIGN_ADAPTERS", str(registry.root))
+    assert "CN@1" in CliRunner().invoke(main, ["adapters", "list"]).output
+
+
+def test_presentations_lists_the_split():
+    r = CliRunner().invoke(main, ["presentations"])
+    assert r.exit_code == 0 and "train (9)" in r.output and "held-out wording:formal" in r.output
+    assert "no validation or held-out family shares" in r.output
+    data = json.loads(CliRunner().invoke(main, ["presentations", "--json"]).output)
+    assert data["leaks"] == [] and len(data["presentations"]) == 50 and "vsm" in data["wordings"]
+    r = CliRunner().invoke(main, ["presentations", "--train-presentation", "formal/*/asc"])
+    assert r.exit_code == 0 and "train (5)" in r.output and "held-out wording:formal" not in r.output
+    assert "template 'interview' appears in training" in r.output  # formal/interview/asc now trains: flagged
+
+
+def test_a_bad_wording_file_is_a_usage_error_naming_the_item(tmp_path):
+    bad = tmp_path / "w.json"
+    bad.write_text(json.dumps({"name": "w", "items": [{"id": 1, "text": "x", "scale": ["a", "b", "c", "d", "e"]}]}))
+    r = CliRunner().invoke(main, ["presentations", "--wording-file", str(bad)])
+    assert r.exit_code == 2 and "missing" in r.output and "--wording-file" in r.output and "Traceback" not in r.output

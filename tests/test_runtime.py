@@ -79,19 +79,23 @@ def test_shared_prefix_scoring_equals_full_forward(tiny_runtime):
 
 
 def test_scorer_on_tiny_model(tiny_runtime):
-    scorer = SurveyScorer(tiny_runtime, Survey.load(), ["standard", "reversed", "inline"])
+    survey = Survey.load()
+    scorer = SurveyScorer(tiny_runtime, survey, ["standard", "reversed", "terse/form/asc"])
     prompts = torch.stack([_prompt(tiny_runtime, 4, s) for s in range(3)])
-    results = scorer.score(prompts)
-    assert len(results) == 3
-    for r in results:
-        assert set(r.indices) == {"PDI", "IDV", "MAS", "UAI", "LTO", "IVR"}
-        assert all(1.0 <= v <= 5.0 for v in r.item_means.values())
-        assert 0.0 < r.option_mass <= 1.0
-    assert results[0].indices != results[1].indices
+    answers = scorer.answers(prompts)
+    assert set(answers) == {"vsm/chat/asc", "vsm/chat/desc", "terse/form/asc"}
+    for a in answers.values():
+        assert a.expected.shape == a.mass.shape == (3, 24)
+        assert ((a.expected >= 1.0) & (a.expected <= 5.0)).all() and ((a.mass > 0) & (a.mass <= 1.0)).all()
+    assert not torch.equal(answers["vsm/chat/asc"].expected[0], answers["vsm/chat/asc"].expected[1])
+    # one candidate alone costs one candidate, and scores as it does in the population (float32: to rounding)
+    alone = scorer.answers(prompts[1:2], ["terse/form/asc"])["terse/form/asc"].expected[0]
+    torch.testing.assert_close(alone, answers["terse/form/asc"].expected[1], atol=1e-5, rtol=0)
     # item sharing: fewer tokens than asking every item in full
-    full = sum(len(tiny_runtime.chat_ids(p.presentation.messages(it), p.presentation.prefill))
-               for p in scorer.prepared for it in scorer.survey.items)
-    assert scorer.tokens_per_candidate < full
+    for name, p in scorer.prepared.items():
+        full = sum(len(tiny_runtime.chat_ids(p.presentation.messages(it.id), p.presentation.prefill))
+                   for it in survey.items)
+        assert scorer.tokens(name) < full
 
 
 def test_dtype_and_fingerprint(tiny_runtime):

@@ -15,11 +15,11 @@ def _prompts(rt, n, seed=0):
 
 
 def _expected(scorer, prompts):
-    return scorer.answer_probs(prompts)["standard"][0]
+    return scorer.answers(prompts)["vsm/chat/asc"].expected
 
 
 def test_scoring_is_float32_and_smooth_in_the_prompt(real_runtime):
-    """DE needs a loss that moves little when the prompt moves little: float32 scoring does that."""
+    """The search needs a loss that moves little when the prompt moves little: float32 scoring does that."""
     rt = real_runtime
     assert rt.dtype == torch.float32
     scorer = SurveyScorer(rt, Survey.load(), ["standard"], block=4)
@@ -31,15 +31,12 @@ def test_scoring_is_float32_and_smooth_in_the_prompt(real_runtime):
     assert (a - far).abs().max() > 1e-2  # ...while another prompt does move the answers
 
 
-def test_score_is_batch_invariant_in_bf16():
-    """In bf16 another batch size rounds differently (up to ~0.2 on an expected answer); fixed-size blocks make the
-    score of a prompt the same alone, in a population, at any position and beside any other prompts."""
-    rt = Runtime.load(dtype="bfloat16")
-    scorer = SurveyScorer(rt, Survey.load(), ["standard"], block=4)
-    prompts = _prompts(rt, 6)
-    population = _expected(scorer, prompts)  # 6 candidates: a full block and a padded one
-    alone = torch.cat([_expected(scorer, p.unsqueeze(0)) for p in prompts[:3]])
-    shuffled = _expected(scorer, prompts.flip(0)).flip(0)
-    assert torch.equal(population[:3], alone)
-    assert torch.equal(population, shuffled)
+def test_a_prompt_scores_alike_alone_and_in_a_population(real_runtime):
+    """Another batch size may pick other kernels: in float32 that moves an expected answer by rounding only, and
+    every number culign reports is the prompt re-scored alone anyway."""
+    scorer = SurveyScorer(real_runtime, Survey.load(), ["standard"], block=4)
+    prompts = _prompts(real_runtime, 5)
+    population = _expected(scorer, prompts)  # a block of 4 and a block of 1
+    alone = torch.cat([_expected(scorer, p.unsqueeze(0)) for p in prompts[:2]])
+    torch.testing.assert_close(population[:2], alone, atol=1e-5, rtol=0)
     assert not torch.equal(population[0], population[1])  # different prompts, different answers
