@@ -337,6 +337,7 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
       report.json    every row's indices and losses per presentation, gain kept, noise band, search history
       radar.png      target vs naive vs persona vs adapter, training and held-out presentations
       loss.png       the search's best training loss against evaluations, with the baselines
+      report.html    all of it on one self-contained page (`culign report` redraws it)
     and the table on stdout. Ctrl-C saves the best prompt so far (marked interrupted) and exits 130; a killed
     run continues with --resume.
     """
@@ -363,6 +364,10 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
                             resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True))
     except (ValueError, RegistryError) as e:
         raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:  # before the search began (or after it, while saving): nothing half-written is kept
+        click.echo("\ninterrupted before a prompt was saved: nothing written (a checkpoint, if the search had "
+                   "started, lets --resume continue)", err=True)
+        sys.exit(130)
     if as_json:
         click.echo(json.dumps(outcome.report, indent=2))
     else:
@@ -373,6 +378,58 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
                "it)", err=True)
     if interrupted:
         sys.exit(130)
+
+
+@main.command("report")
+@click.argument("what", required=False, metavar="[ADAPTER_DIR|REPORT_JSON|REGION[@V]]")
+@registry_option
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the page (default: report-<REGION>-<version>.html, or registry-report.html, in "
+                   "the current folder).")
+def report_cmd(what, adapters_dir, out):
+    """One self-contained HTML page (inline SVG, no network) for a run or for a whole registry.
+
+    With an adapter folder, a report.json or REGION[@VERSION]: that run's page (radar of target, naive, persona
+    and adapter on training and held-out presentations, per-index table, losses with gain kept and the noise
+    band, the loss curve, the provenance). Without: one page for every adapter in the registry. `culign train`
+    writes the run's page as report.html beside report.json already. Outputs: the HTML file; its path on stdout.
+    """
+    from .evaluation import Comparison
+    from .registry import Registry, RegistryError
+    from .report import html_report, registry_html
+
+    registry = Registry(_registry_dir(adapters_dir))
+
+    def load(path: Path) -> tuple[dict, Comparison]:
+        try:
+            report = json.loads(path.read_text())
+            return report, Comparison.from_dict(report)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise click.BadParameter(f"{path}: not a readable culign report ({e})", param_hint="WHAT") from None
+
+    if what is None:
+        infos, _ = registry.scan()
+        entries = [(i.ref, *load(i.path / "report.json")) for i in infos if (i.path / "report.json").exists()]
+        if not entries:
+            raise click.BadParameter(f"no adapter with a report.json in {registry.root}", param_hint="--adapters-dir")
+        page, default = registry_html(entries, str(registry.root)), Path("registry-report.html")
+    else:
+        path = Path(what)
+        if path.is_dir():
+            path = path / "report.json"
+        if not path.exists():
+            region, version = _ref(what)
+            try:
+                path = registry.resolve(region, version).path / "report.json"
+            except (RegistryError, ValueError) as e:
+                raise click.BadParameter(str(e), param_hint="WHAT") from None
+        report, comparison = load(path)
+        folder = path.parent
+        name = f"{folder.parent.name}@{folder.name}" if folder.name.isdigit() else folder.name
+        page, default = html_report(report, comparison, title=name), Path(f"report-{name.replace('@', '-')}.html")
+    target = out or default
+    target.write_text(page, encoding="utf-8")
+    click.echo(str(target))
 
 
 @main.group("adapters")
@@ -411,10 +468,14 @@ def adapters_list(ctx, adapters_dir, as_json: bool):
         click.echo(json.dumps({"adapters": [i.to_dict() for i in infos], "warnings": warnings}, indent=2))
         return
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    click.echo(f"{'adapter':<12}{'tokens':>7}{'train':>7}{'held-out':>10}  {'created':<26}base model")
+    kept = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    click.echo(f"{'adapter':<12}{'tokens':>7}{'trained on':>11}{'train':>7}{'held-out':>10}{'kept':>6}  "
+               f"{'created':<26}base model")
     for i in infos:
-        click.echo(f"{i.ref:<12}{i.num_virtual_tokens:>7}{fmt(i.loss):>7}{fmt(i.heldout_loss):>10}  "
-                   f"{i.created:<26}{i.base_model}")
+        pres = "-" if i.train_presentations is None else f"{i.train_presentations} pres."
+        click.echo(f"{i.ref:<12}{i.num_virtual_tokens:>7}{pres:>11}{fmt(i.loss):>7}{fmt(i.heldout_loss):>10}"
+                   f"{kept(i.gain_kept):>6}  {i.created:<26}{i.base_model}"
+                   + ("  INTERRUPTED (best prompt so far)" if i.interrupted else ""))
     if not infos:
         click.echo(f"(no adapters in {registry.root})")
     for w in warnings:

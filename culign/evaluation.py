@@ -22,7 +22,7 @@ import torch
 
 from .runtime import Runtime
 from .scorer import Answers, SurveyScorer
-from .survey import DEFAULT_CONSTANT, DIMENSIONS, Split, Survey, l1_loss, persona_line
+from .survey import DEFAULT_CONSTANT, DIMENSIONS, LEGACY_NAMES, Split, Survey, l1_loss, persona_line
 from .targets import Target
 
 
@@ -283,6 +283,12 @@ class Comparison:
         out["L1"] = {"gain": gain, "band": band["L1"], "significant": gain > band["L1"]}
         return out
 
+    def heldout_wins(self, row: Evaluation) -> tuple[int, int]:
+        """On how many held-out presentations the row's loss is below the naive model's, of how many: a paired
+        count that, unlike the band, does not mix the presentations' own differences into the comparison."""
+        names = [n for n in self.split.heldout_names if n in row.scores and n in self.naive.scores]
+        return sum(row.scores[n].loss < self.naive.scores[n].loss for n in names), len(names)
+
     def to_dict(self) -> dict:
         rows = {}
         for r in self.rows:
@@ -290,6 +296,45 @@ class Comparison:
             if r is not self.naive:
                 d["gain_kept"] = self.gain_kept(r)
                 d["significance"] = self.significance(r)
+                d["heldout_wins"] = list(self.heldout_wins(r))
             rows[r.label] = d
         return {"target": self.target.to_dict(), "split": self.split.to_dict(), "noise_band": self.noise_band(),
                 "rows": rows}
+
+    @classmethod
+    def from_dict(cls, report: Mapping) -> "Comparison":
+        """Rebuild a comparison from a report.json, to redraw or re-render it. Reports of culign before 0.2 (rows
+        naive / icl / de, one training presentation, held-out as one group) are read too."""
+        t = report["target"]
+        target = Target(t["key"], t["name"], dict(t["scores"]), t.get("source", ""), t.get("code"),
+                        tuple(t.get("missing", ())))
+        if "split" in report:
+            s = report["split"]
+            split = Split(tuple(s["train"]), {k: tuple(v) for k, v in s.get("validation", {}).items()},
+                          {k: tuple(v) for k, v in s.get("heldout", {}).items()})
+            rows = [Evaluation(label, target, split,
+                               {n: PresentationScore.from_dict(n, d) for n, d in row["per_presentation"].items()},
+                               {k: row[k] for k in ("persona", "adapter") if k in row})
+                    for label, row in report["rows"].items()]
+            return cls(target, split, _naive_first(rows))
+        # the old layout: per presentation only indices; losses follow from them, mass and spread are the row's
+        canon = lambda n: LEGACY_NAMES.get(n, n)  # noqa: E731
+        held = tuple(canon(n) for n in report.get("heldout_presentations", []))
+        split = Split(tuple(canon(n) for n in report.get("train_presentations", ["standard"])), {},
+                      {"held-out": held} if held else {})
+        rows = []
+        for label, row in report["rows"].items():
+            scores = {}
+            for part in (row, row.get("heldout") or {}):
+                for n, ind in part.get("per_presentation", {}).items():
+                    scores[canon(n)] = PresentationScore(canon(n), dict(ind), l1_loss(ind, target.scores),
+                                                         float(part.get("option_mass", 0.0)),
+                                                         float(part.get("item_std", 0.0)))
+            rows.append(Evaluation({"icl": "persona", "de": "adapter"}.get(label, label), target, split, scores))
+        return cls(target, split, _naive_first(rows))
+
+
+def _naive_first(rows: list[Evaluation]) -> list[Evaluation]:
+    """naive, persona, then the rest in their order (report.json sorts its keys)."""
+    rank = {"naive": 0, "persona": 1}
+    return sorted(rows, key=lambda r: rank.get(r.label, 2))

@@ -59,6 +59,7 @@ class Optimizer(str, Enum):
 # difference vectors, and binomial or exponential crossover
 STRATEGIES = ("best1bin", "rand1bin", "currenttobest1bin", "best2bin", "rand2bin", "randtobest1bin",
               "best1exp", "rand1exp")
+_PARTNERS = {"best1": 2, "rand1": 3, "currenttobest1": 2, "best2": 4, "rand2": 5, "randtobest1": 3}  # distinct, != i
 
 
 @dataclass
@@ -96,6 +97,8 @@ class SearchConfig:
             raise ValueError(f"tokens and dim must be >= 1, got tokens={self.tokens}, dim={self.dim}")
         if self.popsize < 5:
             raise ValueError(f"popsize must be >= 5 (DE needs distinct partners), got {self.popsize}")
+        if self.strategy in STRATEGIES and self.popsize <= _PARTNERS[self.strategy[:-3]]:
+            raise ValueError(f"strategy {self.strategy} needs popsize >= {_PARTNERS[self.strategy[:-3]] + 1}")
         if self.budget < 2 * self.popsize:
             raise ValueError(f"budget ({self.budget}) must cover the initial population and one generation "
                              f"(2 x popsize = {2 * self.popsize})")
@@ -259,22 +262,21 @@ class _DE:
         F = rng.uniform(*cfg.mutation)  # dithered once per generation, as scipy does
         best = pop[int(np.argmin(self.energies))]
         out = np.empty_like(pop)
+        s = cfg.strategy
+        kind, pairs = s[:-4], int(s[-4])  # "randtobest1bin" -> ("randtobest", 1)
         for i in range(n):
-            r = rng.choice([j for j in range(n) if j != i], size=5, replace=False)
-            a, b, c, d, e = (pop[j] for j in r)
-            s = cfg.strategy
-            if s.startswith("best1"):
-                v = best + F * (b - c)
-            elif s.startswith("rand1"):
-                v = a + F * (b - c)
-            elif s.startswith("currenttobest1"):
-                v = pop[i] + F * (best - pop[i]) + F * (b - c)
-            elif s.startswith("best2"):
-                v = best + F * (b - c + d - e)
-            elif s.startswith("rand2"):
-                v = a + F * (b - c + d - e)
-            else:  # randtobest1
-                v = a + F * (best - a) + F * (b - c)
+            others = [j for j in range(n) if j != i]
+            ps = [pop[j] for j in rng.choice(others, size=_PARTNERS[s[:-3]], replace=False)]
+            if kind == "best":
+                base = best
+            elif kind == "rand":
+                base = ps.pop(0)
+            elif kind == "currenttobest":
+                base = pop[i] + F * (best - pop[i])
+            else:  # randtobest
+                r0 = ps.pop(0)
+                base = r0 + F * (best - r0)
+            v = base + F * sum(ps[2 * k] - ps[2 * k + 1] for k in range(pairs))
             trial = pop[i].copy()
             if s.endswith("bin"):
                 take = rng.random(cfg.dim) < cfg.recombination
@@ -342,10 +344,17 @@ class _CMA:
         return Z
 
     def state(self) -> dict:
+        import cma
+
         blob = pickle.dumps((self.es, np.random.get_state(), self.last, self.last_e))
-        return {"pickle": base64.b64encode(blob).decode()}
+        return {"cma_version": cma.__version__, "pickle": base64.b64encode(blob).decode()}
 
     def load(self, st: dict) -> None:
+        import cma
+
+        if st.get("cma_version") != cma.__version__:  # its pickled internals are that release's
+            raise ValueError(f"this checkpoint was written with cma {st.get('cma_version')}, this is cma "
+                             f"{cma.__version__}: resume with that release, or start afresh")
         # The run's own checkpoint, written by this code into the user's cache: unpickling it is safe.
         self.es, rs, self.last, self.last_e = pickle.loads(base64.b64decode(st["pickle"]))
         np.random.set_state(rs)

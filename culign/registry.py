@@ -79,8 +79,11 @@ class AdapterInfo:
     num_virtual_tokens: int
     token_dim: int
     created: str
-    loss: float | None = None
+    loss: float | None = None  # training loss (mean over the training presentations)
     heldout_loss: float | None = None
+    gain_kept: float | None = None
+    train_presentations: int | None = None  # how many presentations it was trained on (1: a single wording)
+    interrupted: bool = False  # saved from a search stopped before its budget was spent
 
     @property
     def ref(self) -> str:
@@ -90,7 +93,9 @@ class AdapterInfo:
         return {"region": self.region, "version": self.version, "ref": self.ref, "path": str(self.path),
                 "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
                 "num_virtual_tokens": self.num_virtual_tokens, "token_dim": self.token_dim,
-                "created": self.created, "loss": self.loss, "heldout_loss": self.heldout_loss}
+                "created": self.created, "loss": self.loss, "heldout_loss": self.heldout_loss,
+                "gain_kept": self.gain_kept, "train_presentations": self.train_presentations,
+                "interrupted": self.interrupted}
 
 
 @dataclass(frozen=True)
@@ -250,7 +255,11 @@ def _read_info(region: str, version: int, path: Path) -> tuple[AdapterInfo, dict
         base_fingerprint=_field(prov, "base_fingerprint", str, PROVENANCE_FILE),
         num_virtual_tokens=n, token_dim=dim,
         created=_field(prov, "created", str, PROVENANCE_FILE),
-        loss=_optional_float(prov.get("loss")), heldout_loss=_optional_float(prov.get("heldout_loss")))
+        loss=_optional_float(prov.get("loss")), heldout_loss=_optional_float(prov.get("heldout_loss")),
+        gain_kept=_optional_float(prov.get("gain_kept")),
+        train_presentations=len(prov["train_presentations"]) if isinstance(prov.get("train_presentations"), list)
+        else None,
+        interrupted=prov.get("interrupted") is True)
     return info, prov
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import BinaryIO, Mapping, Sequence
 
 from .evaluation import Comparison, Evaluation
@@ -64,7 +65,9 @@ def format_table(comparison: Comparison, seen_range: Mapping[str, Sequence[float
         sig = c.significance(r)
         if sig:
             parts = [f"{k} {v['gain']:+.1f}{'' if v['significant'] else ' (n.s.)'}" for k, v in sig.items()]
-            lines.append(f"{r.label} held-out gain vs naive: " + ", ".join(parts))
+            wins, n = c.heldout_wins(r)
+            lines.append(f"{r.label} held-out gain vs naive: " + ", ".join(parts)
+                         + f"; lower loss than naive on {wins}/{n} held-out presentations")
     if seen_range:
         outside = []
         for d in DIMENSIONS:
@@ -84,8 +87,9 @@ def format_table(comparison: Comparison, seen_range: Mapping[str, Sequence[float
     return "\n".join(lines)
 
 
-def radar_chart(comparison: Comparison, out: io.BytesIO | BinaryIO) -> None:
-    """Target vs every row, on the training presentations (left) and the held-out ones (right), as a PNG."""
+def radar_chart(comparison: Comparison, out: io.BytesIO | BinaryIO, fmt: str = "png") -> None:
+    """Target vs every row, on the training presentations (left) and the held-out ones (right), as PNG or SVG
+    (each series a group with id ``series-<label>``, so a page or a test can find it)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display here or on servers
@@ -100,14 +104,16 @@ def radar_chart(comparison: Comparison, out: io.BytesIO | BinaryIO) -> None:
     fig, axes = plt.subplots(1, len(sides), figsize=(5.2 * len(sides), 5.6), subplot_kw={"polar": True})
     axes = np.atleast_1d(axes)
     for ax, (title, get) in zip(axes, sides):
-        def plot(values, label, kind):
+        def plot(values, label, kind, key):
             color, ls = STYLE[kind]
-            ax.plot(angles + angles[:1], list(values) + [values[0]], color=color, linestyle=ls, linewidth=2,
-                    label=label)
+            (line,) = ax.plot(angles + angles[:1], list(values) + [values[0]], color=color, linestyle=ls,
+                              linewidth=2, label=label)
+            line.set_gid(f"series-{re.sub(r'[^A-Za-z0-9_-]', '_', key)}-{title.split()[0]}")  # an SVG id
 
-        plot([target.scores.get(d, np.nan) for d in DIMENSIONS], f"target ({target.key})", "target")
+        plot([target.scores.get(d, np.nan) for d in DIMENSIONS], f"target ({target.key})", "target", "target")
         for r in comparison.rows:
-            plot([get(r)[d] for d in DIMENSIONS], r.label, _kind(r.label))
+            if get(r) is not None:  # an interrupted run's adapter has no held-out scores
+                plot([get(r)[d] for d in DIMENSIONS], r.label, _kind(r.label), r.label)
         ax.set_xticks(angles, DIMENSIONS, fontsize=11, fontweight="bold")
         ax.tick_params(axis="x", pad=12)  # the labels sit outside the outer ring, clear of the lines
         ax.set_ylim(0, 110)
@@ -118,12 +124,12 @@ def radar_chart(comparison: Comparison, out: io.BytesIO | BinaryIO) -> None:
                     ncol=len(comparison.rows) + 1, fontsize=9, frameon=False)
     fig.suptitle(f"Hofstede indices: {target.name}", fontsize=13)
     fig.tight_layout()
-    fig.savefig(out, dpi=100, format="png")
+    fig.savefig(out, dpi=100, format=fmt)
     plt.close(fig)
 
 
 def loss_curve_chart(history: Sequence[Sequence[float]], comparison: Comparison, title: str,
-                     out: io.BytesIO | BinaryIO) -> None:
+                     out: io.BytesIO | BinaryIO, fmt: str = "png") -> None:
     """The best elite's training objective against candidate evaluations, with the baselines' training losses."""
     import matplotlib
 
@@ -145,18 +151,149 @@ def loss_curve_chart(history: Sequence[Sequence[float]], comparison: Comparison,
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=100, format="png")
+    fig.savefig(out, dpi=100, format=fmt)
     plt.close(fig)
 
 
 def report_files(report: dict, comparison: Comparison, history: Sequence[Sequence[float]]) -> dict[str, bytes]:
-    """Everything a run writes beside its adapter: report.json, radar.png, loss.png."""
+    """Everything a run writes beside its adapter: report.json, radar.png, loss.png and report.html."""
     radar, curve = io.BytesIO(), io.BytesIO()
     radar_chart(comparison, radar)
-    loss_curve_chart(history, comparison, f"{report.get('optimizer', 'search')} on {comparison.target.name} "
-                     f"({report.get('model', '')}, seed {report.get('seed', '')})", curve)
+    loss_curve_chart(history, comparison, _curve_title(report, comparison), curve)
     return {"report.json": json.dumps(report, indent=2, sort_keys=True).encode(),
-            "radar.png": radar.getvalue(), "loss.png": curve.getvalue()}
+            "radar.png": radar.getvalue(), "loss.png": curve.getvalue(),
+            "report.html": html_report(report, comparison).encode()}
+
+
+def _curve_title(report: Mapping, comparison: Comparison) -> str:
+    return (f"{report.get('optimizer', 'de')} on {comparison.target.name} ({report.get('model', '')}, "
+            f"seed {report.get('seed', '')})")
+
+
+# ---------------------------------------------------------------------------------------------------- HTML
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.4}
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{padding:.25em .7em;text-align:right;
+border-bottom:1px solid #eee}th:first-child,td:first-child{text-align:left}.muted{color:#777}
+.banner{background:#fff3cd;border:1px solid #e0c36a;padding:.6em 1em;margin:1em 0}.ok{color:#1a7f37}
+.bad{color:#b42318}svg{max-width:100%;height:auto}details{margin:.5em 0}code{background:#f5f5f5;padding:0 .2em}"""
+
+
+def _svg(draw) -> str:
+    buf = io.BytesIO()
+    draw(buf)
+    text = buf.getvalue().decode()
+    return text[text.index("<svg"):]  # inline: no XML prolog or doctype inside the page
+
+
+def _cell(v, spec=".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def html_report(report: Mapping, comparison: Comparison, title: str | None = None) -> str:
+    """One self-contained page (inline SVG, no network): radar, per-index table, train / held-out losses with gain
+    kept and the noise band, the loss curve and the provenance."""
+    from html import escape as e
+
+    c, t = comparison, comparison.target
+    name = title or report.get("adapter") or f"{t.name} ({t.key})"
+    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>culign report: {e(name)}</title>"
+           f"<style>{_CSS}</style></head><body>", f"<h1>culign report: {e(name)}</h1>",
+           f"<p class=muted>{e(t.name)} ({e(t.key)}), target source: {e(t.source)}; model {e(str(report.get('model', '')))}"
+           f", {e(str(report.get('dtype', '')))}; {len(c.split.train)} training, {len(c.split.validation_names)} "
+           f"validation, {len(c.split.heldout_names)} held-out presentations</p>"]
+    if report.get("interrupted"):
+        out.append("<div class=banner><b>Interrupted run:</b> the search was stopped before its budget was spent; "
+                   "the adapter holds the best prompt found so far.</div>")
+    out.append("<h2>Indices</h2>")
+    out.append(_svg(lambda buf: radar_chart(c, buf, fmt="svg")))
+    out.append("<table><tr><th></th>" + "".join(f"<th>{d}</th>" for d in DIMENSIONS) + "</tr>")
+    out.append("<tr><td>target</td>" + "".join(f"<td>{_cell(t.scores.get(d), '.0f')}</td>" for d in DIMENSIONS)
+               + "</tr>")
+    for r in c.rows:
+        out.append(f"<tr><td>{e(r.label)} (training)</td>"
+                   + "".join(f"<td>{r.train_indices[d]:.1f}</td>" for d in DIMENSIONS) + "</tr>")
+        if r.heldout_indices is not None:
+            out.append(f"<tr class=muted><td>{e(r.label)} (held-out)</td>"
+                       + "".join(f"<td>{r.heldout_indices[d]:.1f}</td>" for d in DIMENSIONS) + "</tr>")
+    band = c.noise_band()
+    out.append("<tr class=muted><td>naive noise band (std)</td>" + "".join(f"<td>{band[d]:.1f}</td>" for d in DIMENSIONS)
+               + "</tr></table>")
+    out.append("<h2>Losses</h2><table><tr><th></th><th>train</th><th>validation</th><th>held-out</th>"
+               "<th>gain kept</th><th>better than naive on</th><th>option mass</th></tr>")
+    for r in c.rows:
+        kept = None if r is c.naive else c.gain_kept(r)
+        wins = "" if r is c.naive else "{}/{} held-out".format(*c.heldout_wins(r))
+        out.append(f"<tr><td>{e(r.label)}</td><td>{r.train_loss:.2f}</td><td>{_cell(r.validation_loss, '.2f')}</td>"
+                   f"<td>{_cell(r.heldout_loss, '.2f')}</td><td>{'-' if kept is None else f'{100 * kept:.0f}%'}</td>"
+                   f"<td>{wins}</td><td>{r.option_mass:.2f}</td></tr>")
+    out.append("</table>")
+    if c.split.heldout:
+        out.append("<table><tr><th>held-out family</th>" + "".join(f"<th>{e(r.label)}</th>" for r in c.rows)
+                   + "<th>presentations</th></tr>")
+        for fam, names in c.split.heldout.items():
+            out.append(f"<tr><td>{e(fam)}</td>" + "".join(f"<td>{_cell(r.heldout_by_family.get(fam))}</td>"
+                                                         for r in c.rows) + f"<td>{len(names)}</td></tr>")
+        out.append("</table>")
+    for r in c.rows[1:]:
+        sig = c.significance(r)
+        if sig:
+            parts = [f"<span class={'ok' if v['significant'] else 'muted'}>{k} {v['gain']:+.1f}"
+                     f"{'' if v['significant'] else ' (within the band)'}</span>" for k, v in sig.items()]
+            out.append(f"<p>{e(r.label)}: held-out gain over naive: {', '.join(parts)}.</p>")
+    out.append("<p class=muted>L1 = mean |index - target| over the target's dimensions. Training loss: mean over "
+               "the training presentations; validation and held-out: mean over families. Gain kept = (naive held-out"
+               " - row held-out) / (naive train - row train). The noise band is the naive model's standard deviation "
+               "across every presentation: a gain inside it is not told apart from a change of wording.</p>")
+    history = report.get("history") or []
+    if history:
+        out.append("<h2>Search</h2>")
+        out.append(_svg(lambda buf: loss_curve_chart(history, c, _curve_title(report, c), buf, fmt="svg")))
+    out.append("<h2>Per presentation</h2><details><summary>L1 loss of every row on every presentation</summary>"
+               "<table><tr><th>presentation</th><th>role</th>" + "".join(f"<th>{e(r.label)}</th>" for r in c.rows)
+               + "</tr>")
+    roles = {n: "train" for n in c.split.train}
+    roles.update({n: f"validation {f}" for f, ns in c.split.validation.items() for n in ns})
+    roles.update({n: f"held-out {f}" for f, ns in c.split.heldout.items() for n in ns})
+    for n in c.split.all_names:
+        out.append(f"<tr><td>{e(n)}</td><td>{e(roles.get(n, ''))}</td>"
+                   + "".join(f"<td>{_cell(r.scores[n].loss if n in r.scores else None)}</td>" for r in c.rows)
+                   + "</tr>")
+    out.append("</table></details>")
+    prov = {k: report.get(k) for k in ("model", "dtype", "device", "cpu", "optimizer", "robust", "seed", "evaluations",
+                                       "presentation_evaluations", "generations", "search_wall_time_s",
+                                       "wall_time_s", "selected_by", "persona", "constant", "interrupted")
+            if report.get(k) is not None}
+    settings = report.get("search") or report.get("de") or {}
+    out.append("<h2>Provenance</h2><table>" + "".join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>"
+                                                      for k, v in {**prov, **settings}.items()) + "</table>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def registry_html(entries: Sequence[tuple[str, Mapping, Comparison]], root: str) -> str:
+    """One page for a whole registry: a summary row per adapter, then each adapter's radar."""
+    from html import escape as e
+
+    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>culign registry {e(root)}</title>"
+           f"<style>{_CSS}</style></head><body><h1>culign registry: {e(root)}</h1>",
+           "<table><tr><th>adapter</th><th>target</th><th>train</th><th>held-out</th><th>naive held-out</th>"
+           "<th>gain kept</th><th>optimizer</th><th>training presentations</th><th></th></tr>"]
+    for ref, report, c in entries:
+        row = c.rows[-1]
+        kept = c.gain_kept(row)
+        out.append(f"<tr><td><a href='#{e(ref)}'>{e(ref)}</a></td><td>{e(c.target.key)}</td>"
+                   f"<td>{row.train_loss:.2f}</td><td>{_cell(row.heldout_loss, '.2f')}</td>"
+                   f"<td>{_cell(c.naive.heldout_loss, '.2f')}</td>"
+                   f"<td>{'-' if kept is None else f'{100 * kept:.0f}%'}</td>"
+                   f"<td>{e(str(report.get('optimizer', 'de')))}</td><td>{len(c.split.train)}</td>"
+                   f"<td>{'<b>interrupted</b>' if report.get('interrupted') else ''}</td></tr>")
+    out.append("</table>")
+    for ref, report, c in entries:
+        out.append(f"<h2 id='{e(ref)}'>{e(ref)}</h2>")
+        out.append(_svg(lambda buf, c=c: radar_chart(c, buf, fmt="svg")))
+    out.append("</body></html>")
+    return "\n".join(out)
 
 
 def row_summary(row: Evaluation, comparison: Comparison) -> dict:

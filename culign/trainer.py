@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .evaluation import Comparison, Evaluator, MassGuard, Respondent, Robust
+from .evaluation import Comparison, Evaluation, Evaluator, MassGuard, Respondent, Robust
 from .optimize import PromptSpace, RobustObjective, SearchConfig, SearchResult, initial_prompt, run_search
 from .registry import AdapterInfo, Registry
 from .report import format_table, report_files, row_summary
@@ -95,11 +95,15 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
                         run_key=run_key, on_generation=on_generation, on_batch=bar.update)
     bar.close()
 
-    # 3. the result, alone, on every presentation: the numbers the report and `culign eval` print
-    label = "adapter"
-    bar = _bar(len(names), "scoring the result", "presentation", progress)
-    adapter = evaluator.evaluate(Respondent(label, result.prompt), on_presentation=lambda _: bar.update())
-    bar.close()
+    # 3. the result, alone, on every presentation: the numbers the report and `culign eval` print. After Ctrl-C the
+    # user wants out: the result is saved at once with the training scores the search has (held-out not scored).
+    if result.interrupted:
+        echo("interrupted: saving the best prompt so far with its training scores (held-out not scored)")
+        adapter = Evaluation("adapter", target, split, objective.scores(result.z[None], split.train)[0])
+    else:
+        bar = _bar(len(names), "scoring the result", "presentation", progress)
+        adapter = evaluator.evaluate(Respondent("adapter", result.prompt), on_presentation=lambda _: bar.update())
+        bar.close()
     comparison = Comparison(target, split, [naive, icl, adapter])
     wall = time.perf_counter() - t_start
     report = {

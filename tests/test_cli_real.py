@@ -17,21 +17,23 @@ def culign(*args, check=True):
 
 
 def test_eval_us_json_naive_and_icl():
-    out = json.loads(culign("eval", "--region", "US", "--icl", "--json").stdout)
+    out = json.loads(culign("eval", "--region", "US", "--icl", "--json", "--presentation", "standard",
+                            "--presentation", "terse/form/asc").stdout)
     assert out["target"]["key"] == "US" and out["model"].startswith("embedded:")
     naive, icl = out["rows"]
-    assert naive["label"] == "naive" and icl["label"] == "icl"
+    assert naive["label"] == "naive" and icl["label"] == "persona"
     for row in (naive, icl):
         assert set(row["indices"]) == {"PDI", "IDV", "MAS", "UAI", "LTO", "IVR"}
         assert all(math.isfinite(v) for v in row["indices"].values())
-        assert row["option_mass"] > 0.5  # the "Answer: " prefill keeps the model on the options
+        assert row["option_mass"] > 0.5  # the prefills keep the model on the options
         assert math.isfinite(row["loss"]) and row["loss"] > 0
+        assert set(row["per_presentation"]) == {"vsm/chat/asc", "terse/form/asc"}
     assert naive["indices"] != icl["indices"]
 
 
 def test_eval_table_and_presentations():
     p = culign("eval", "--region", "india", "--presentation", "reversed", "--presentation", "inline")
-    assert "India (IN)" in p.stdout and "naive" in p.stdout and "L1" in p.stdout
+    assert "India (IN)" in p.stdout and "naive" in p.stdout and "train" in p.stdout and "noise band" in p.stdout
 
 
 def test_bad_input_is_a_usage_error():
@@ -50,21 +52,32 @@ def test_regions_lists_the_table():
     assert sa["scores"]["PDI"] == 95
 
 
+SMALL_SPLIT = ["--train-presentation", "standard", "--train-presentation", "terse/form/asc",
+               "--validation", "plain/chat/asc", "--heldout", "reversed", "--heldout", "formal/inline/asc"]
+
+
 def test_train_then_eval_the_adapter(tmp_path):
-    """The main job end to end on a small budget: report, adapter in the registry, and `eval` agreeing with it."""
+    """The main job end to end on a small budget and split: report, adapter in the registry, and `eval` agreeing
+    with it to the last bit (every reported number is the saved prompt scored alone, as `eval` scores it)."""
     reg = tmp_path / "adapters"
     p = culign("train", "--region", "US", "--budget", "32", "--popsize", "16", "--adapters-dir", str(reg), "--json",
-               "--checkpoint-dir", str(tmp_path / "runs"))
+               "--checkpoint-dir", str(tmp_path / "runs"), "--no-progress", *SMALL_SPLIT)
     report = json.loads(p.stdout)
-    assert report["evaluations"] == 32 and set(report["rows"]) == {"naive", "icl", "de"}
-    assert report["loss"] <= report["rows"]["de"]["loss"] + 1e-9
+    assert report["evaluations"] == 32 and set(report["rows"]) == {"naive", "persona", "adapter"}
     assert report["heldout_loss"] is not None and report["option_mass"] > 0.5
-    assert (reg / "US" / "1" / "radar.png").exists() and (reg / "US" / "1" / "adapter_config.json").exists()
-    listed = json.loads(culign("adapters", "--adapters-dir", str(reg), "list", "--json").stdout)["adapters"]
+    assert set(report["heldout_by_family"]) == {"reversed", "formal/inline/asc"}
+    assert report["selected_by"] == "validation"
+    # the search's own number for the result is the same prompt scored in populations: equal up to rounding
+    assert abs(report["objective"] - report["train_loss"]) < 1e-3
+    for f in ("radar.png", "loss.png", "report.html", "adapter_config.json"):
+        assert (reg / "US" / "1" / f).exists(), f
+    assert "saved US@1" in p.stderr and "report.json" in p.stderr
+    listed = json.loads(culign("adapters", "list", "--adapters-dir", str(reg), "--json").stdout)["adapters"]
     assert [(a["region"], a["version"]) for a in listed] == [("US", 1)]
     ev = json.loads(culign("eval", "--region", "US", "--adapter", str(reg / "US" / "1"), "--json").stdout)
-    de_row = ev["rows"][-1]
-    assert de_row["label"] == "US@1"
-    # the same prompt scored alone instead of in a population batch: scoring is batch-invariant, so exactly equal
-    assert de_row["loss"] == report["loss"] and de_row["indices"] == report["rows"]["de"]["indices"]
-    assert culign("adapters", "--adapters-dir", str(reg), "verify", "--model", "embedded").returncode == 0
+    assert ev["split"] == report["split"]  # eval takes the adapter's own split
+    row = ev["rows"][-1]
+    assert row["label"] == "US@1"
+    assert row["loss"] == report["train_loss"] and row["heldout_loss"] == report["heldout_loss"]
+    assert row["per_presentation"] == report["rows"]["adapter"]["per_presentation"]
+    assert culign("adapters", "verify", "--adapters-dir", str(reg), "--model", "embedded").returncode == 0

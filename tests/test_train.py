@@ -178,3 +178,49 @@ def test_prompt_of_a_z_does_not_depend_on_its_batch(tiny_runtime):
 
 def test_optimizers_enum_matches_cli_choices():
     assert {o.value for o in Optimizer} == {"de", "cma", "random"}
+
+
+def test_an_interrupted_training_saves_the_best_so_far_marked_interrupted(tiny_runtime, survey, tmp_path,
+                                                                           monkeypatch):
+    import culign.trainer as trainer
+
+    search = trainer.run_search
+
+    def ctrl_c_at_generation_2(*args, **kw):
+        report = kw["on_generation"]
+
+        def stop(p):
+            report(p)
+            if p.generation == 2:
+                raise KeyboardInterrupt
+
+        return search(*args, **{**kw, "on_generation": stop})
+
+    monkeypatch.setattr(trainer, "run_search", ctrl_c_at_generation_2)
+    reg = Registry(tmp_path / "adapters")
+    out = train(tiny_runtime, survey, TARGET, TrainSettings(search=SearchConfig(**CFG), split=SPLIT), reg,
+                checkpoint_dir=tmp_path / "runs", progress=False, echo=lambda m: None)
+    assert out.report["interrupted"] and out.report["evaluations"] == 12
+    info = reg.scan()[0][0]
+    assert info.interrupted and info.ref == "US@1"
+    assert "Interrupted run" in (out.adapter.path / "report.html").read_text()
+    assert out.report["heldout_loss"] is None and out.report["train_loss"] > 0  # saved at once, held-out skipped
+    assert list((tmp_path / "runs").glob("*.json"))  # the checkpoint stays: --resume continues the cut run
+
+
+@pytest.mark.parametrize("strategy", ["best1bin", "rand1bin", "currenttobest1bin", "best2bin", "rand2bin",
+                                      "randtobest1bin", "best1exp", "rand1exp"])
+def test_every_de_strategy_converges_on_a_quadratic(strategy):
+    """culign's DE (its own: paired selection on subsets is not scipy's) on a known bowl, no model."""
+    from culign.optimize import _DE
+
+    class Bowl:
+        def losses(self, Z, subset):
+            return ((np.atleast_2d(Z) - 0.5) ** 2).sum(1)
+
+    de = _DE(SearchConfig(strategy=strategy, dim=8, popsize=12), np.random.default_rng(0))
+    de.start(Bowl(), [])
+    start = de.energies.min()
+    for _ in range(60):
+        de.step(Bowl(), [])
+    assert de.energies.min() < start / 10 and np.all(np.abs(de.population) <= 1.0)
