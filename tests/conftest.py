@@ -63,3 +63,49 @@ def real_runtime():
     from culign.runtime import Runtime
 
     return Runtime.load(scoring=True)
+
+
+def build_word_tokenizer():
+    """A word-level tokenizer over every word of culign's survey data (wordings, templates, persona lines), digits
+    1..5 single tokens: survey prompts are ~5x shorter than with the character tokenizer, so scoring tests run fast."""
+    import json
+    import re
+    from importlib import resources
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    data = resources.files("culign.data")
+    texts = [data.joinpath("vsm2013.json").read_text(), data.joinpath("templates.json").read_text()]
+    texts += [p.read_text() for p in data.joinpath("wordings").iterdir() if p.name.endswith(".json")]
+    texts.append("Answer as a typical person from the United States China India Saudi Arabia Chile would.")
+    texts = [json.loads(t) if t.lstrip().startswith("{") else t for t in texts]
+    texts = [json.dumps(t, ensure_ascii=False).encode().decode("unicode_escape") if isinstance(t, dict) else t
+             for t in texts]
+    words = sorted({w for t in texts for w in re.findall(WORD_PATTERN, t)})
+    specials = ["<pad>", "<|im_end|>", "<|im_start|>", "<unk>", "\n", " "]
+    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=tokenizers_regex(), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+WORD_PATTERN = r" ?\w+| ?[^\w\s]|\n| "  # a word or a punctuation mark with its leading space, newlines
+
+
+def tokenizers_regex():
+    from tokenizers import Regex
+
+    return Regex(WORD_PATTERN)
+
+
+@pytest.fixture(scope="session")
+def word_runtime():
+    """The tiny random Llama with the word-level tokenizer: for survey scoring and training tests."""
+    from culign.runtime import Runtime
+
+    tok = build_word_tokenizer()
+    return Runtime(build_tiny_model(len(tok)), tok, "tiny-random-llama-words", "cpu", torch.float32)

@@ -75,14 +75,14 @@ def test_gain_kept_and_significance():
     assert d["rows"]["a"]["gain_kept"] == pytest.approx(0.5) and "noise_band" in d
 
 
-def test_evaluate_on_the_tiny_model(tiny_runtime):
+def test_evaluate_on_the_tiny_model(word_runtime):
     survey = Survey.load()
     split = Split(("vsm/chat/asc", "terse/form/asc"), {}, {"order:desc": ("vsm/chat/desc",)})
-    ev = Evaluator(tiny_runtime, survey, TARGET, split)
+    ev = Evaluator(word_runtime, survey, TARGET, split)
     naive = ev.evaluate(Respondent.naive())
     persona = ev.evaluate(Respondent.with_persona("China"))
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randn(4, tiny_runtime.hidden_size, generator=g)
+    prompt = torch.randn(4, word_runtime.hidden_size, generator=g)
     soft = ev.evaluate(Respondent("p", prompt))
     assert set(naive.scores) == set(split.all_names)
     assert naive.scores["vsm/chat/asc"].indices != soft.scores["vsm/chat/asc"].indices
@@ -93,15 +93,15 @@ def test_evaluate_on_the_tiny_model(tiny_runtime):
     assert ev.scorer(None) is ev.scorer(None)  # one scorer per persona, built once
 
 
-def test_bare_model_answers_are_cached_on_disk(tiny_runtime, tmp_path, monkeypatch):
+def test_bare_model_answers_are_cached_on_disk(word_runtime, tmp_path, monkeypatch):
     survey = Survey.load()
-    cold = SurveyScorer(tiny_runtime, survey, ["terse/form/asc"], answer_cache=tmp_path)
+    cold = SurveyScorer(word_runtime, survey, ["terse/form/asc"], answer_cache=tmp_path)
     first = cold.answers(None)["terse/form/asc"]
     assert len(list(tmp_path.glob("*.json"))) == 1
-    warm = SurveyScorer(tiny_runtime, survey, ["terse/form/asc"], answer_cache=tmp_path)
-    monkeypatch.setattr(tiny_runtime, "option_logprobs", lambda *a, **k: pytest.fail("scored again"))
+    warm = SurveyScorer(word_runtime, survey, ["terse/form/asc"], answer_cache=tmp_path)
+    monkeypatch.setattr(word_runtime, "option_logprobs", lambda *a, **k: pytest.fail("scored again"))
     again = warm.answers(None)["terse/form/asc"]
     assert torch.equal(first.expected, again.expected) and torch.equal(first.mass, again.mass)
-    persona = SurveyScorer(tiny_runtime, survey, ["terse/form/asc"], persona="Chile", answer_cache=tmp_path)
+    persona = SurveyScorer(word_runtime, survey, ["terse/form/asc"], persona="Chile", answer_cache=tmp_path)
     with pytest.raises(pytest.fail.Exception):  # other tokens, another entry: not served from the cache
         persona.answers(None)

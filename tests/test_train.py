@@ -28,8 +28,8 @@ def survey():
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_runtime, survey):
-    return SurveyScorer(tiny_runtime, survey, SPLIT.all_names)
+def scorer(word_runtime, survey):
+    return SurveyScorer(word_runtime, survey, SPLIT.all_names)
 
 
 def _objective(rt, scorer, cfg, robust="mean"):
@@ -53,20 +53,20 @@ def test_subsets_are_seeded_and_cover_the_training_set():
     assert subset_for(5, names, 0, seed=0) == names == subset_for(5, names, 9, seed=0)
 
 
-def test_search_improves_and_depends_on_the_seed(tiny_runtime, scorer):
+def test_search_improves_and_depends_on_the_seed(word_runtime, scorer):
     cfg = SearchConfig(**CFG)
-    a, obj = _run(tiny_runtime, scorer, cfg)
+    a, obj = _run(word_runtime, scorer, cfg)
     assert a.nfev == 24 and a.generations == 4 and [h[0] for h in a.history] == [6, 12, 18, 24]
     assert all(x[1] >= y[1] for x, y in zip(a.history, a.history[1:]))  # the best elite never gets worse
     assert a.objective == pytest.approx(obj.value(a.z))
     assert a.history[-1][1] <= obj.value(np.zeros(cfg.dim))  # z = 0 (the persona start) is in the first population
-    c, _ = _run(tiny_runtime, scorer, SearchConfig(**{**CFG, "seed": 4}))
+    c, _ = _run(word_runtime, scorer, SearchConfig(**{**CFG, "seed": 4}))
     assert not torch.equal(a.prompt, c.prompt)
 
 
-def test_de_selection_is_paired_and_elites_see_every_presentation(tiny_runtime, scorer):
+def test_de_selection_is_paired_and_elites_see_every_presentation(word_runtime, scorer):
     cfg = SearchConfig(**CFG)
-    res, obj = _run(tiny_runtime, scorer, cfg, validation=["casual/chat/asc"])
+    res, obj = _run(word_runtime, scorer, cfg, validation=["casual/chat/asc"])
     # each generation scored its candidates on 2 of the 3 training presentations; parents were re-scored on the
     # generation's subset where they had not been, and each generation's best on all 3: so far fewer than 3 per
     # candidate, more than 2
@@ -77,9 +77,9 @@ def test_de_selection_is_paired_and_elites_see_every_presentation(tiny_runtime, 
     assert chosen_val == min(e["validation"] for e in res.elites)
 
 
-def test_subset_zero_scores_every_candidate_on_every_presentation(tiny_runtime, scorer):
+def test_subset_zero_scores_every_candidate_on_every_presentation(word_runtime, scorer):
     cfg = SearchConfig(**{**CFG, "subset": 0})
-    res, _ = _run(tiny_runtime, scorer, cfg)
+    res, _ = _run(word_runtime, scorer, cfg)
     assert res.presentation_evals == res.nfev * len(TRAIN) and res.selected_by == "train"
 
 
@@ -88,10 +88,10 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("optimizer", ["de", "cma", "random"])
-def test_resume_after_kill_equals_uninterrupted(tiny_runtime, scorer, tmp_path, optimizer):
+def test_resume_after_kill_equals_uninterrupted(word_runtime, scorer, tmp_path, optimizer):
     """Also the reproducibility test: the resumed run starts from a fresh objective (no cache) and a fresh RNG."""
     cfg = SearchConfig(**CFG, optimizer=optimizer)
-    full, _ = _run(tiny_runtime, scorer, cfg)
+    full, _ = _run(word_runtime, scorer, cfg)
     assert full.nfev == 24 and full.history[-1][1] <= full.history[0][1]
 
     def die_at_gen_3(p):
@@ -100,30 +100,30 @@ def test_resume_after_kill_equals_uninterrupted(tiny_runtime, scorer, tmp_path, 
 
     ck = tmp_path / "run.json"
     with pytest.raises(Killed):
-        _run(tiny_runtime, scorer, cfg, checkpoint=ck, run_key="k", on_generation=die_at_gen_3)
+        _run(word_runtime, scorer, cfg, checkpoint=ck, run_key="k", on_generation=die_at_gen_3)
     assert Checkpoint.load(ck).generation == 3
-    resumed, _ = _run(tiny_runtime, scorer, cfg, checkpoint=ck, resume=True, run_key="k")  # a fresh objective
+    resumed, _ = _run(word_runtime, scorer, cfg, checkpoint=ck, resume=True, run_key="k")  # a fresh objective
     assert resumed.resumed_from == 3 and resumed.nfev == full.nfev
     assert torch.equal(resumed.prompt, full.prompt) and resumed.objective == full.objective
     assert resumed.history == full.history and resumed.seen_range == full.seen_range
     assert resumed.presentation_evals == full.presentation_evals
     with pytest.raises(ValueError, match="different run"):
-        _run(tiny_runtime, scorer, cfg, checkpoint=ck, resume=True, run_key="other")
+        _run(word_runtime, scorer, cfg, checkpoint=ck, resume=True, run_key="other")
 
 
-def test_ctrl_c_keeps_the_best_so_far(tiny_runtime, scorer):
+def test_ctrl_c_keeps_the_best_so_far(word_runtime, scorer):
     def interrupt(p):
         if p.generation == 2:
             raise KeyboardInterrupt
 
-    r, obj = _run(tiny_runtime, scorer, SearchConfig(**CFG), on_generation=interrupt)
+    r, obj = _run(word_runtime, scorer, SearchConfig(**CFG), on_generation=interrupt)
     assert r.interrupted and r.generations == 2 and np.isfinite(r.objective)
     assert r.selected_by == "train"  # no validation pass after Ctrl-C: the user wants out
 
 
-def test_robust_worst_is_the_max_over_the_subset(tiny_runtime, scorer):
+def test_robust_worst_is_the_max_over_the_subset(word_runtime, scorer):
     cfg = SearchConfig(**CFG)
-    mean, worst = _objective(tiny_runtime, scorer, cfg), _objective(tiny_runtime, scorer, cfg, "worst")
+    mean, worst = _objective(word_runtime, scorer, cfg), _objective(word_runtime, scorer, cfg, "worst")
     z = np.full((1, cfg.dim), 0.3)
     per = [mean.guard.loss(s) for s in mean.scores(z, TRAIN)[0].values()]
     assert mean.losses(z, TRAIN)[0] == pytest.approx(np.mean(per))
@@ -138,10 +138,10 @@ def test_config_rejects_bad_values(bad):
         SearchConfig(**bad)
 
 
-def test_train_end_to_end_saves_a_complete_adapter(tiny_runtime, survey, tmp_path):
+def test_train_end_to_end_saves_a_complete_adapter(word_runtime, survey, tmp_path):
     reg = Registry(tmp_path / "adapters")
     settings = TrainSettings(search=SearchConfig(**CFG), split=SPLIT)
-    out = train(tiny_runtime, survey, TARGET, settings, reg, checkpoint_dir=tmp_path / "runs", progress=False,
+    out = train(word_runtime, survey, TARGET, settings, reg, checkpoint_dir=tmp_path / "runs", progress=False,
                 echo=lambda m: None)
     assert out.adapter.ref == "US@1"
     files = {p.name for p in out.adapter.path.iterdir()}
@@ -161,16 +161,16 @@ def test_train_end_to_end_saves_a_complete_adapter(tiny_runtime, survey, tmp_pat
     for png in ("radar.png", "loss.png"):
         assert (out.adapter.path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the saved prompt, scored alone afresh, gives exactly the reported numbers (what `culign eval` does)
-    loaded = reg.load("US", hidden_size=tiny_runtime.hidden_size, base_fingerprint=tiny_runtime.fingerprint)
-    again = Evaluator(tiny_runtime, survey, TARGET, SPLIT).evaluate(Respondent("again", loaded.prompt))
+    loaded = reg.load("US", hidden_size=word_runtime.hidden_size, base_fingerprint=word_runtime.fingerprint)
+    again = Evaluator(word_runtime, survey, TARGET, SPLIT).evaluate(Respondent("again", loaded.prompt))
     assert again.train_loss == prov["loss"] and again.heldout_loss == prov["heldout_loss"]
     assert not list((tmp_path / "runs").glob("*.json"))  # finished runs leave no checkpoint
 
 
-def test_prompt_of_a_z_does_not_depend_on_its_batch(tiny_runtime):
+def test_prompt_of_a_z_does_not_depend_on_its_batch(word_runtime):
     """The prompt a search saves (one z) must be bit for bit the prompt it scored (a population of z)."""
     cfg = SearchConfig(**{**CFG, "dim": 64, "tokens": 8})
-    space = PromptSpace(initial_prompt(tiny_runtime, cfg, "x y"), cfg, 1.0)
+    space = PromptSpace(initial_prompt(word_runtime, cfg, "x y"), cfg, 1.0)
     z = np.random.default_rng(0).uniform(-1, 1, size=(16, cfg.dim))
     together = space.prompts(z)
     assert all(torch.equal(together[i], space.prompts(z[i])[0]) for i in range(16))
@@ -180,7 +180,7 @@ def test_optimizers_enum_matches_cli_choices():
     assert {o.value for o in Optimizer} == {"de", "cma", "random"}
 
 
-def test_an_interrupted_training_saves_the_best_so_far_marked_interrupted(tiny_runtime, survey, tmp_path,
+def test_an_interrupted_training_saves_the_best_so_far_marked_interrupted(word_runtime, survey, tmp_path,
                                                                            monkeypatch):
     import culign.trainer as trainer
 
@@ -198,7 +198,7 @@ def test_an_interrupted_training_saves_the_best_so_far_marked_interrupted(tiny_r
 
     monkeypatch.setattr(trainer, "run_search", ctrl_c_at_generation_2)
     reg = Registry(tmp_path / "adapters")
-    out = train(tiny_runtime, survey, TARGET, TrainSettings(search=SearchConfig(**CFG), split=SPLIT), reg,
+    out = train(word_runtime, survey, TARGET, TrainSettings(search=SearchConfig(**CFG), split=SPLIT), reg,
                 checkpoint_dir=tmp_path / "runs", progress=False, echo=lambda m: None)
     assert out.report["interrupted"] and out.report["evaluations"] == 12
     info = reg.scan()[0][0]
