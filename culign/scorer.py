@@ -88,10 +88,15 @@ class SurveyScorer:
             worded = pres.item(item.id)
             by_key.setdefault((worded.stem, tuple(sorted(worded.scale.items()))), []).append(pos)
         shared = _common_prefix_len(ids)
-        groups = []
+        groups, singles = [], []
         for positions in by_key.values():
+            if len(positions) == 1:
+                singles.append(positions[0])
+                continue
             k = _common_prefix_len([ids[i] for i in positions])
             groups.append(_Group(positions, ids[positions[0]][shared:k], [ids[i][k:] for i in positions]))
+        if singles:  # items alone with their stem and scale share nothing below `shared`: one forward for all of them
+            groups.append(_Group(singles, [], [ids[i][shared:] for i in singles]))
         answers = torch.tensor([float(pres.digit_to_answer(d)) for d in ANSWERS])
         return PreparedPresentation(pres, ids[0][:shared], groups, answers)
 
