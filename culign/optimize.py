@@ -12,7 +12,8 @@ on a *subset* of the training presentations (``subset``, drawn anew per generati
 - **DE** compares each trial with its parent on the same subset (paired: a parent missing one of them is scored
   on it; scores are cached per candidate and presentation, so a parent that survives costs nothing the next
   time the subset comes round);
-- **CMA-ES** ranks a generation's candidates on one shared subset, which is all its update needs;
+- **CMA-ES** ranks a generation's candidates on one shared subset, which is all its update needs; its candidate
+  for the result is the distribution's mean, which averages the rankings of every generation;
 - **random search** keeps the best of each generation.
 
 After a generation, its best candidate is scored on every training presentation when it beats the best of these
@@ -363,7 +364,9 @@ class _CMA:
         return [] if self.last is None else list(self.last)
 
     def best(self) -> np.ndarray:
-        return self.last[int(np.argmin(self.last_e))]
+        # The distribution's mean, not the luckiest sample: ranked on one presentation, a generation's best sample
+        # is mostly noise, while the mean averages every ranking so far (CMA-ES's own favourite solution).
+        return np.clip(np.asarray(self.es.result.xfavorite, dtype=float), -self.cfg.bound, self.cfg.bound)
 
 
 class _Random:
