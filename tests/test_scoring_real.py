@@ -33,10 +33,11 @@ def test_scoring_is_float32_and_smooth_in_the_prompt(real_runtime):
 
 def test_a_prompt_scores_alike_alone_and_in_a_population(real_runtime):
     """Another batch size may pick other kernels: in float32 that moves an expected answer by rounding only, and
-    every number culign reports is the prompt re-scored alone anyway."""
+    every number culign reports is the prompt re-scored alone anyway. The size of that rounding depends on the
+    CPU's kernels: up to 1.2e-5 on an expected answer on an AMX machine (0.0004 index points per unit coefficient)."""
     scorer = SurveyScorer(real_runtime, Survey.load(), ["standard"], block=4)
     prompts = _prompts(real_runtime, 5)
     population = _expected(scorer, prompts)  # a block of 4 and a block of 1
     alone = torch.cat([_expected(scorer, p.unsqueeze(0)) for p in prompts[:2]])
-    torch.testing.assert_close(population[:2], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(population[:2], alone, atol=5e-5, rtol=0)
     assert not torch.equal(population[0], population[1])  # different prompts, different answers
