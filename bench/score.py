@@ -43,24 +43,6 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int) -> float:
     return 2 * m * k * n / timed(lambda: a @ b, repeat=10) / 1e9
 
 
-class Fp32Norm(torch.nn.Module):
-    """The model's final RMSNorm computed in float32 (the lever: bf16 trunk, float32 answer position)."""
-
-    def __init__(self, norm):
-        super().__init__()
-        self.weight, self.eps = norm.weight.detach().float(), norm.variance_epsilon
-
-    def forward(self, x):
-        x = x.float()
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
-def fp32_answer_position(rt: Runtime) -> None:
-    rt.model.base_model.norm = Fp32Norm(rt.model.base_model.norm)
-    head = rt.model.get_output_embeddings().weight.detach().float()
-    rt._head = lambda hidden: hidden.float() @ head.T
-
-
 def nudge_noise(rt: Runtime, survey: Survey, scorer: SurveyScorer, prompts: torch.Tensor) -> float:
     """Mean over indices of the std across 8 copies of one prompt, each nudged by 0.1 % of its size."""
     g = torch.Generator().manual_seed(7)
@@ -71,9 +53,8 @@ def nudge_noise(rt: Runtime, survey: Survey, scorer: SurveyScorer, prompts: torc
 
 
 def measure(dtype: str, variant: str, args, survey: Survey) -> dict:
-    rt = Runtime.load(dtype=dtype, scoring=True)
-    if variant == "fp32-head":
-        fp32_answer_position(rt)
+    # bf16 "plain" is the trunk, norm and head all in bf16 (culign before 0.2); "fp32-head" is today's bf16 path
+    rt = Runtime.load(dtype=dtype, scoring=True, fp32_answer=(variant == "fp32-head") if dtype != "float32" else None)
     train = list(DEFAULT_SPLIT.train)
     scorer = SurveyScorer(rt, survey, train, answer_cache=None)
     g = torch.Generator().manual_seed(0)

@@ -175,6 +175,28 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+class _Fp32Norm(torch.nn.Module):
+    """A final norm run in float32 on a float32 copy of itself; its output stays float32 (only the head reads it)."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        import copy
+
+        self.inner = copy.deepcopy(norm).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float())
+
+
+def _final_norm_in_fp32(decoder: torch.nn.Module) -> None:
+    """Swap the decoder's final norm (``norm``, ``final_layernorm`` or ``ln_f``) for a float32 one, where it has one."""
+    for name in ("norm", "final_layernorm", "ln_f"):
+        norm = getattr(decoder, name, None)
+        if isinstance(norm, torch.nn.Module) and not isinstance(norm, _Fp32Norm):
+            setattr(decoder, name, _Fp32Norm(norm))
+            return
+
+
 @dataclass
 class GenerationRequest:
     """One row of a generation batch."""
@@ -189,13 +211,14 @@ class GenerationRequest:
 class Runtime:
     """A frozen causal LM plus the operations culign needs from it."""
 
-    def __init__(self, model, tokenizer, name: str, device: str, dtype: torch.dtype):
+    def __init__(self, model, tokenizer, name: str, device: str, dtype: torch.dtype, fp32_answer: bool | None = None):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
         self._fingerprint: str | None = None
+        self._head_bias32: torch.Tensor | None = None
         cfg = model.config
         self.hidden_size: int = cfg.hidden_size
         self.max_context: int = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
@@ -207,11 +230,19 @@ class Runtime:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:
             self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        # In bf16/fp16 the final norm, the head and the softmax run in float32 (the trunk stays in low precision):
+        # bf16 logits near 20 are quantised in steps of 0.125, and the option probabilities are read from them.
+        # (``fp32_answer=False`` keeps them in the model's dtype: the old behaviour, for benchmarks.)
+        self.fp32_answer = dtype in (torch.bfloat16, torch.float16) if fp32_answer is None else bool(fp32_answer)
+        self._head_weight32: torch.Tensor | None = None
+        if self.fp32_answer:
+            self._fingerprint = weights_fingerprint(self.model)  # of the checkpoint's own modules, before the swap
+            _final_norm_in_fp32(self.model.base_model)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
-             scoring: bool = False) -> "Runtime":
+             scoring: bool = False, fp32_answer: bool | None = None) -> "Runtime":
         """Load the embedded default (model None), an HF hub id (from the local HF cache) or a local folder.
 
         ``scoring``: the runtime is for survey scoring (eval, train), whose default dtype is float32.
@@ -235,7 +266,7 @@ class Runtime:
             raise ModelLoadError(f"cannot load model {model!r}: {e}") from e
         lm.to(device)
         log.info("loaded %s on %s in %s (%.1f s)", name, device, torch_dtype, time.perf_counter() - t0)
-        return cls(lm, tok, name, device, torch_dtype)
+        return cls(lm, tok, name, device, torch_dtype, fp32_answer)
 
     def _kv(self, cache) -> dict:
         return {self._cache_kw: cache}
@@ -314,8 +345,16 @@ class Runtime:
         return self._head(self.model.base_model(**inputs).last_hidden_state[:, -1])
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits of [rows, hidden] final hidden states (float32)."""
-        return self.model.get_output_embeddings()(hidden).float()
+        """Full-vocabulary logits of [rows, hidden] final hidden states (float32; computed in float32 too when the
+        model runs in bf16/fp16, on a float32 copy of the head made once)."""
+        head = self.model.get_output_embeddings()
+        if not self.fp32_answer:
+            return head(hidden).float()
+        if self._head_weight32 is None:
+            self._head_weight32 = head.weight.detach().float()
+            bias = getattr(head, "bias", None)
+            self._head_bias32 = None if bias is None else bias.detach().float()
+        return torch.nn.functional.linear(hidden.float(), self._head_weight32, self._head_bias32)
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
