@@ -299,6 +299,9 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--popsize", default=_CFG.popsize, show_default=True, help="Candidates per generation.")
 @click.option("--budget", default=_CFG.budget, show_default=True,
               help="Candidate evaluations in all (whole generations; the first counts).")
+@click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Also stop the search before a generation that would end past this many minutes (the result "
+                   "is then the best so far, not interrupted; the report says `stopped_by: time`).")
 @click.option("--strategy", default=_CFG.strategy, show_default=True, type=click.Choice(list(_STRATEGIES)),
               help="DE strategy.")
 @click.option("--mutation", default=",".join(map(str, _CFG.mutation)), show_default=True,
@@ -322,7 +325,7 @@ def _floats(text: str) -> tuple[float, float]:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, tokens, dim, bound, scale, popsize,
-              budget, strategy, mutation, recombination, sigma, elites, seed, init, init_text, train, heldout,
+              budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, train, heldout,
               validation, no_validation, wording_files, adapters_dir, checkpoint_dir, resume, progress, model,
               device, dtype, as_json):
     """Tune a soft prompt black-box so the frozen model's VSM 2013 indices match a region on every wording.
@@ -349,7 +352,8 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
     try:
         settings = TrainSettings(
             search=SearchConfig(optimizer=optimizer, tokens=tokens, dim=dim, bound=bound, scale=scale,
-                                popsize=popsize, budget=budget, subset=subset, robust=robust, strategy=strategy,
+                                popsize=popsize, budget=budget, subset=subset,
+                                max_seconds=None if max_minutes is None else 60.0 * max_minutes, robust=robust, strategy=strategy,
                                 mutation=_floats(mutation), recombination=recombination, sigma=sigma, elites=elites,
                                 seed=seed, init=init, init_text=init_text),
             split=split)
@@ -374,8 +378,8 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
         click.echo(outcome.table)
     interrupted = outcome.report["interrupted"]
     click.echo(f"\n{'interrupted: best prompt so far ' if interrupted else ''}saved {outcome.adapter.ref} -> "
-               f"{outcome.adapter.path}\nreport: {outcome.adapter.path / 'report.json'} (radar.png, loss.png beside "
-               "it)", err=True)
+               f"{outcome.adapter.path}\nreport: {outcome.adapter.path / 'report.html'} (report.json, radar.png, "
+               "loss.png beside it)", err=True)
     if interrupted:
         sys.exit(130)
 

@@ -73,6 +73,8 @@ class SearchConfig:
                                                          "the embedding table's std"})
     popsize: int = field(default=16, metadata={"help": "candidates per generation"})
     budget: int = field(default=1600, metadata={"help": "candidate evaluations in all, initial population included"})
+    max_seconds: float | None = field(default=None, metadata={"help": "stop the search early, at a generation "
+                                                                        "boundary, rather than run past this time"})
     subset: int = field(default=1, metadata={"help": "training presentations each generation is scored on "
                                                       "(0: all of them)"})
     robust: str = field(default="mean", metadata={"help": "aggregate over presentations: mean, worst, mean+Kstd"})
@@ -103,6 +105,8 @@ class SearchConfig:
         if self.budget < 2 * self.popsize:
             raise ValueError(f"budget ({self.budget}) must cover the initial population and one generation "
                              f"(2 x popsize = {2 * self.popsize})")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
         if self.subset < 0:
             raise ValueError(f"subset must be >= 0 (0 = every training presentation), got {self.subset}")
         if self.strategy not in STRATEGIES:
@@ -124,9 +128,11 @@ class SearchConfig:
         return d
 
     def run_key(self, *extra: str) -> str:
-        """Identity of a run for checkpoint matching: everything but the budget (a resume may extend it)."""
+        """Identity of a run for checkpoint matching: everything but the budget and the time limit (a resume may
+        extend them)."""
         d = self.to_dict()
         d.pop("budget")
+        d.pop("max_seconds")
         return hashlib.sha256(json.dumps([d, *extra], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -455,6 +461,7 @@ class SearchResult:
     seen_range: dict[str, list[float]]  # index -> [min, max] over every evaluated candidate and presentation
     selected_by: str  # "train" or "validation"
     elites: list[dict] = field(default_factory=list)  # [{train, validation}] of the candidates considered
+    stopped_by: str = "budget"  # "budget", "time" (cfg.max_seconds) or "interrupt"
 
 
 def _elite_order(objective: RobustObjective, elites: list[np.ndarray]) -> list[np.ndarray]:
@@ -468,7 +475,9 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
     """Search until the budget is spent (or Ctrl-C), checkpointing after every generation.
 
     The budget counts candidates (the initial population included) and is spent in whole generations of
-    ``popsize``, rounded down. ``on_batch`` is told how many candidates each generation added.
+    ``popsize``, rounded down. With ``cfg.max_seconds`` the search also stops before a generation that would
+    end past that time (judged by the last generation's duration; ``SearchResult.stopped_by`` says which limit
+    ended it). ``on_batch`` is told how many candidates each generation added.
     """
     rng = np.random.default_rng(cfg.seed)
     opt = _OPTIMIZERS[cfg.optimizer](cfg, rng)
@@ -485,10 +494,15 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
         generation, nfev, history, elapsed0 = ck.generation, ck.nfev, ck.history, ck.elapsed_s
         elites, resumed_from = [np.array(z) for z in ck.elites], ck.generation
     t0 = time.perf_counter()
-    interrupted = False
+    interrupted, stopped_by, last_generation_s = False, "budget", 0.0
 
     try:
         while nfev + cfg.popsize <= cfg.budget:
+            spent = elapsed0 + time.perf_counter() - t0
+            if cfg.max_seconds is not None and generation > 0 and spent + last_generation_s > cfg.max_seconds:
+                stopped_by = "time"
+                break
+            t_generation = time.perf_counter()
             subset = subset_for(generation, train, cfg.subset, cfg.seed)
             if generation == 0:
                 opt.start(objective, subset)
@@ -518,6 +532,7 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
                 on_generation(Progress(generation, nfev, objective.presentation_evals, history[-1][1],
                                        {d: sum(x.indices[d] for x in s.values()) / len(s) for d in DIMENSIONS},
                                        sum(x.option_mass for x in s.values()) / len(s), elapsed))
+            last_generation_s = time.perf_counter() - t_generation  # scoring, elites and checkpoint: all of it
     except KeyboardInterrupt:
         interrupted = True  # keep the best prompt evaluated so far
     if not elites:
@@ -531,4 +546,4 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
     return SearchResult(chosen, objective.space.prompts(chosen)[0], objective.value(chosen),
                         nfev, objective.presentation_evals, generation, history,
                         elapsed0 + time.perf_counter() - t0, interrupted, resumed_from, objective.seen_range,
-                        selected_by, considered)
+                        selected_by, considered, "interrupt" if interrupted else stopped_by)

@@ -116,7 +116,7 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         "objective": result.objective, "selected_by": result.selected_by, "elites": result.elites,
         "evaluations": result.nfev, "presentation_evaluations": result.presentation_evals,
         "generations": result.generations, "history": result.history, "search_wall_time_s": result.elapsed_s,
-        "wall_time_s": wall, "interrupted": result.interrupted, "resumed_from_generation": result.resumed_from,
+        "wall_time_s": wall, "interrupted": result.interrupted, "stopped_by": result.stopped_by, "resumed_from_generation": result.resumed_from,
         "search": cfg.to_dict(), "seed": cfg.seed, "index_range_seen": result.seen_range,
     }
     provenance = {

@@ -121,6 +121,18 @@ def test_ctrl_c_keeps_the_best_so_far(word_runtime, scorer):
     assert r.selected_by == "train"  # no validation pass after Ctrl-C: the user wants out
 
 
+def test_time_limit_stops_at_a_generation_boundary(word_runtime, scorer):
+    """--max-minutes: a generation that would end past the limit is not started; the result is a normal one."""
+    cfg = SearchConfig(**{**CFG, "budget": 600, "max_seconds": 1e-6})
+    r, _ = _run(word_runtime, scorer, cfg)
+    assert r.stopped_by == "time" and r.generations == 1 and r.nfev == cfg.popsize and not r.interrupted
+    full, _ = _run(word_runtime, scorer, SearchConfig(**CFG))
+    assert full.stopped_by == "budget" and full.nfev == CFG["budget"]
+    assert SearchConfig(**CFG).run_key() == cfg.run_key()  # a resume may change the limit, like the budget
+    with pytest.raises(ValueError, match="max_seconds"):
+        SearchConfig(**{**CFG, "max_seconds": 0})
+
+
 def test_robust_worst_is_the_max_over_the_subset(word_runtime, scorer):
     cfg = SearchConfig(**CFG)
     mean, worst = _objective(word_runtime, scorer, cfg), _objective(word_runtime, scorer, cfg, "worst")
