@@ -162,8 +162,9 @@ class AdapterCache:
         return by_lower.get(key.lower())
 
     # ------------------------------------------------------------------ lookup
-    def lookup(self, spec: RegionSpec) -> Adapter:
-        """The adapter a request asked for; ServingError 404 (listing what is available) when there is none."""
+    def lookup(self, spec: RegionSpec, source: str = REGION_HEADER) -> Adapter:
+        """The adapter a request asked for; ServingError 404 (listing what is available, naming ``source``: the
+        header or the ``model`` field) when there is none."""
         self._fresh()
         with self._lock:
             region = self._canonical(spec.name)
@@ -171,26 +172,26 @@ class AdapterCache:
                 self._rescan_for_unknown()  # maybe trained since the last scan
                 region = self._canonical(spec.name)
             if region is None:
-                raise self._not_found(f"unknown region {_show(spec.name)}")
+                raise self._not_found(f"unknown region {_show(spec.name)} in {source}", source)
             if spec.version is not None:
                 if spec.version not in self._infos[region]:
-                    raise self._not_found(f"region {region} has no version {spec.version}")
+                    raise self._not_found(f"region {region} has no version {spec.version} (in {source})", source)
                 adapter = self._load(self._infos[region][spec.version])
                 if adapter is None:
                     raise self._not_found(f"adapter {region}@{spec.version} is refused: it failed the integrity "
-                                          "or compatibility checks (the server log says why)")
+                                          "or compatibility checks (the server log says why)", source)
                 return adapter
             for version in sorted(self._infos[region], reverse=True):  # latest that passes the checks
                 adapter = self._load(self._infos[region][version])
                 if adapter is not None:
                     return adapter
             raise self._not_found(f"region {region} is refused: every version failed the integrity or "
-                                  "compatibility checks (the server log says why)")
+                                  "compatibility checks (the server log says why)", source)
 
-    def _not_found(self, message: str) -> ServingError:
+    def _not_found(self, message: str, source: str = REGION_HEADER) -> ServingError:
         available = [r for r, vs in self.available().items() if vs]
         return ServingError(404, f"{message}; available regions: {', '.join(available) or 'none'}",
-                            kind="not_found_error", param=REGION_HEADER, available=available)
+                            kind="not_found_error", param=source, available=available)
 
     def _load(self, info: AdapterInfo) -> Adapter | None:
         if info in self._loaded:
@@ -508,7 +509,7 @@ class ChatEngine:
             if model.startswith(base + ":"):
                 model = model[len(base) + 1:]
                 break
-        return self.adapters.lookup(parse_region(model, source="model"))
+        return self.adapters.lookup(parse_region(model, source="model"), source="model")
 
     def prepare(self, body: ChatRequest, region_header: Sequence[str] = (), model: str | None = None) -> Prepared:
         """Check a request's values and select its adapter; ServingError (400/404/413) when they do not hold."""

@@ -316,6 +316,8 @@ def test_bad_input_gets_json_error(http, fp32, case):
     assert error
     if status == 404:
         assert set(REGIONS) <= set(error["available"]) and "available regions" in error["message"]
+        source = "model" if body and "model" in body else "X-Culign-Region"  # the error names where it came from
+        assert error["param"] == source and f"in {source}" in error["message"], error
 
 
 def raw_request(url: str, header_line: bytes) -> tuple[int, bytes]:
