@@ -494,12 +494,15 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
         generation, nfev, history, elapsed0 = ck.generation, ck.nfev, ck.history, ck.elapsed_s
         elites, resumed_from = [np.array(z) for z in ck.elites], ck.generation
     t0 = time.perf_counter()
-    interrupted, stopped_by, last_generation_s = False, "budget", 0.0
+    interrupted, stopped_by = False, "budget"
+    # a generation's cost, for the time limit: the dearest of the last few (one that finds a new elite also scores
+    # it on every training presentation); after a resume, the mean so far
+    durations = [elapsed0 / generation] if generation else []
 
     try:
         while nfev + cfg.popsize <= cfg.budget:
             spent = elapsed0 + time.perf_counter() - t0
-            if cfg.max_seconds is not None and generation > 0 and spent + last_generation_s > cfg.max_seconds:
+            if cfg.max_seconds is not None and durations and spent + max(durations[-4:]) > cfg.max_seconds:
                 stopped_by = "time"
                 break
             t_generation = time.perf_counter()
@@ -532,7 +535,7 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
                 on_generation(Progress(generation, nfev, objective.presentation_evals, history[-1][1],
                                        {d: sum(x.indices[d] for x in s.values()) / len(s) for d in DIMENSIONS},
                                        sum(x.option_mass for x in s.values()) / len(s), elapsed))
-            last_generation_s = time.perf_counter() - t_generation  # scoring, elites and checkpoint: all of it
+            durations.append(time.perf_counter() - t_generation)  # scoring, elites and checkpoint: all of it
     except KeyboardInterrupt:
         interrupted = True  # keep the best prompt evaluated so far
     if not elites:

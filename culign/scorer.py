@@ -134,7 +134,8 @@ class SurveyScorer:
         if self.answer_cache is None:
             return None
         rt = self.runtime
-        key = json.dumps([rt.fingerprint, str(rt.dtype), rt.device.type, cpu_capability(), torch.__version__,
+        key = json.dumps([rt.fingerprint, str(rt.dtype), rt.fp32_answer, rt.device.type, cpu_capability(),
+                          torch.__version__,
                           p.shared, [(g.positions, g.prefix, g.suffixes) for g in p.groups], self.option_ids,
                           p.answer_of_digit.tolist()])
         return self.answer_cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"

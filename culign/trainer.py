@@ -81,7 +81,8 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     objective = RobustObjective(scorer, space, target.scores, split.train, Robust.parse(cfg.robust), guard,
                                 settings.constant)
     run_key = cfg.run_key(rt.fingerprint, json.dumps(target.scores, sort_keys=True), persona,
-                          json.dumps(split.to_dict(), sort_keys=True), str(settings.constant), str(rt.dtype))
+                          json.dumps(split.to_dict(), sort_keys=True), str(settings.constant), str(rt.dtype),
+                          str(rt.fp32_answer))
     checkpoint = (checkpoint_dir or cache_root() / "runs") / f"{target.key}-{run_key}.json"
     if not resume and checkpoint.exists():
         checkpoint.unlink()  # a fresh run starts fresh; --resume continues it
@@ -134,7 +135,8 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     }
     info = registry.save(target.key, result.prompt, base_model=rt.name, base_fingerprint=rt.fingerprint,
                          provenance=provenance, files=report_files(report, comparison, result.history))
-    if not result.interrupted:
+    if not result.interrupted and result.stopped_by != "time":
         checkpoint.unlink(missing_ok=True)  # the adapter now holds the result; keep checkpoints only of cut runs
+        # (a run stopped by --max-minutes can go on with --resume and a larger limit)
     adapter.label = info.ref
     return TrainOutcome(info, report, format_table(comparison, result.seen_range), comparison, result)

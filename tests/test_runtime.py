@@ -151,3 +151,38 @@ def test_decode_worker_sets_its_own_thread_count(tiny_runtime, rows):
 def test_cpu_capability_is_read_and_probed():
     assert isinstance(cpu_bf16_native(), bool) and isinstance(_bf16_probe(), bool)
     assert torch.backends.cpu.get_cpu_capability() in cpu_capability()
+
+
+def test_bf16_runtime_reads_the_answer_in_float32(tiny_model):
+    """In bf16 the trunk stays bf16 while the final norm, head and softmax run in float32: the logits equal a
+    float32 norm + head applied to the bf16 trunk's output; the weights and state_dict() stay as loaded (so the
+    fingerprint equals a float32 load of the same values); patching twice is a no-op."""
+    import copy
+
+    from culign.runtime import Runtime
+
+    model, tok = tiny_model
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    fp32_same_values = copy.deepcopy(bf16).float()
+    keys = set(bf16.state_dict())
+    rt = Runtime(bf16, tok, "tiny-bf16", "cpu", torch.bfloat16)
+    assert rt.fp32_answer and set(rt.model.state_dict()) == keys
+    assert all(p.dtype == torch.bfloat16 for p in rt.model.parameters())
+    assert rt.fingerprint == Runtime(fp32_same_values, tok, "tiny-fp32", "cpu", torch.float32).fingerprint
+
+    seen = {}
+    hook = rt.model.base_model.norm.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    ids = tok("hello there", add_special_tokens=False)["input_ids"]
+    logits = rt.next_token_logits([(ids, None)])[0]
+    hook.remove()
+    assert logits.dtype == torch.float32 and seen["x"].dtype == torch.bfloat16  # the trunk's output is bf16
+    with torch.inference_mode():
+        ref = fp32_same_values.lm_head(fp32_same_values.model.norm(seen["x"][0, -1].float()))
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+    Runtime(bf16, tok, "again", "cpu", torch.bfloat16)  # a second runtime on the same model patches nothing more
+    assert set(bf16.state_dict()) == keys and rt.next_token_logits([(ids, None)])[0].equal(logits)
+    plain = Runtime(copy.deepcopy(model).to(torch.bfloat16), tok, "plain", "cpu", torch.bfloat16, fp32_answer=False)
+    plain_logits = plain.next_token_logits([(ids, None)])[0]
+    assert not torch.equal(plain_logits, logits)  # the bf16 head rounds
+    torch.testing.assert_close(plain_logits, logits, atol=0.1, rtol=0.05)
