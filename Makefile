@@ -16,12 +16,12 @@ $(BIN)/culign: pyproject.toml
 setup: $(BIN)/culign
 
 # The demo trains on 3 presentations and measures on 3 held-out ones (a new wording, a new template, the reversed
-# scale), with the search capped at 6 minutes so that the whole job fits in 10 on a slow 2-core machine.
+# scale), with the search capped at 4 minutes so that the whole job fits in 10 on a slow 2-core machine.
 # `culign train --region US` alone runs the full robust split (9 training presentations, 22 held-out).
 DEMO_SPLIT := --train-presentation vsm/chat/asc --train-presentation plain/inline/asc \
 	--train-presentation terse/form/asc --no-validation \
 	--heldout formal/chat/asc --heldout vsm/interview/asc --heldout vsm/chat/desc
-DEMO_MINUTES ?= 6
+DEMO_MINUTES ?= 4
 
 demo: setup  ## the main job on the embedded model
 	$(BIN)/culign train --region $(REGION) --budget 400 --max-minutes $(DEMO_MINUTES) $(DEMO_SPLIT) \

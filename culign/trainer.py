@@ -86,7 +86,9 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     checkpoint = (checkpoint_dir or cache_root() / "runs") / f"{target.key}-{run_key}.json"
     if not resume and checkpoint.exists():
         checkpoint.unlink()  # a fresh run starts fresh; --resume continues it
-    bar = _bar(cfg.budget, f"{cfg.optimizer.value} {target.key}", "cand", progress)
+    # with --max-minutes the budget's ETA may never be reached: the bar says when the search will stop instead
+    limit = f" (stops by {cfg.max_seconds / 60:g} min)" if cfg.max_seconds else ""
+    bar = _bar(cfg.budget, f"{cfg.optimizer.value} {target.key}{limit}", "cand", progress)
 
     def on_generation(p):
         bar.set_postfix_str(f"gen {p.generation} best {p.best_loss:.2f} mass {p.best_mass:.2f} "

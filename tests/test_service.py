@@ -60,14 +60,15 @@ def save(root: Path, rt: Runtime, region: str, seed: int, **overrides) -> None:
 
 @pytest.fixture(scope="module")
 def registry_root(tmp_path_factory, fp32) -> Path:
-    """A copy of the committed registry (adapters/), so tests may add and break adapters freely; a region the
-    repository has no adapter for gets a random prompt."""
+    """Version 1 of each region of the committed registry (adapters/), copied, so tests may add and break
+    adapters freely and know which version is the latest; a region the repository has no adapter for gets a
+    random prompt."""
     root = tmp_path_factory.mktemp("adapters")
     committed = Registry(REPO / "adapters")
     have = set(committed.regions())
     for seed, region in enumerate(REGIONS):
         if region in have:
-            shutil.copytree(committed.resolve(region).path.parent, root / region)
+            shutil.copytree(committed.resolve(region, 1).path, root / region / "1")
         else:
             save(root, fp32, region, seed)
     return root
