@@ -476,7 +476,8 @@ class Runtime:
     def _pick(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
         if r.temperature <= 0:
             return int(logits.argmax())
-        probs = (logits / r.temperature).softmax(-1)
+        # shifted by the max first: a tiny temperature (1e-40) then tends to greedy instead of inf / inf = NaN
+        probs = ((logits - logits.max()) / r.temperature).softmax(-1)
         if r.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < r.top_p

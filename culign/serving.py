@@ -526,6 +526,8 @@ class ChatEngine:
             raise ServingError(400, f"temperature must be in [0, 2], got {temperature}", param="temperature")
         if not 0.0 < top_p <= 1.0:
             raise ServingError(400, f"top_p must be in (0, 1], got {top_p}", param="top_p")
+        if body.seed is not None and not 0 <= body.seed < 2**63:  # torch.Generator.manual_seed's range
+            raise ServingError(400, f"seed must be an integer in [0, 2^63 - 1], got {body.seed}", param="seed")
         asked = body.max_tokens if body.max_tokens is not None else (extra.max_completion_tokens if extra else None)
         if asked is not None and not 1 <= asked <= self.max_tokens_cap:
             raise ServingError(400, f"max_tokens must be between 1 and {self.max_tokens_cap}, got {asked}",

@@ -186,3 +186,14 @@ def test_bf16_runtime_reads_the_answer_in_float32(tiny_model):
     plain_logits = plain.next_token_logits([(ids, None)])[0]
     assert not torch.equal(plain_logits, logits)  # the bf16 head rounds
     torch.testing.assert_close(plain_logits, logits, atol=0.1, rtol=0.05)
+
+
+def test_a_tiny_temperature_samples_like_greedy(tiny_runtime):
+    """temperature 1e-40 used to divide the logits into inf (softmax: NaN, and an error for the whole batch)."""
+    logits = torch.tensor([1.0, 3.0, 2.0, -5.0])
+    r = GenerationRequest([1], temperature=1e-40, seed=0)
+    g = torch.Generator().manual_seed(0)
+    assert all(tiny_runtime._pick(logits, r, g) == 1 for _ in range(20))
+    ids = tiny_runtime.tokenizer("abc", add_special_tokens=False)["input_ids"]
+    sampled = tiny_runtime.generate([GenerationRequest(ids, temperature=1e-40, seed=3, max_new_tokens=4)])[0]
+    assert sampled == tiny_runtime.generate([GenerationRequest(ids, max_new_tokens=4)])[0]

@@ -294,6 +294,8 @@ BAD = [
     ("max-tokens-over-cap", "/chat", {}, {"max_tokens": CAP + 1}, 400),
     ("max-tokens-zero", "/chat", {}, {"max_tokens": 0}, 400),
     ("temperature", "/chat", {}, {"temperature": -1}, 400),
+    ("seed-over-int64", "/chat", {}, {"seed": 2**64, "temperature": 1}, 400),
+    ("seed-negative", "/v1/chat/completions", {}, {"seed": -1, "temperature": 1}, 400),
     ("n", "/v1/chat/completions", {}, {"n": 3}, 400),
     ("prompt-too-long", "/chat", {}, "too-long", 413),
     ("prompt-huge", "/chat", {}, "huge", 413),
