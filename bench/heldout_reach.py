@@ -7,7 +7,7 @@ split, and the best held-out loss any of them reached is printed beside the naiv
 where the registry has one, the committed adapter. The oracle *chooses with the held-out set*: it is a bound to
 read, never a way to pick a prompt (nothing here is saved or fed back into training).
 
-    python bench/heldout_reach.py [--regions US,CN,IN,SA] [--prompts 16] [--adapters-dir adapters]
+    python bench/heldout_reach.py [--regions US,CN,IN,SA] [--prompts 8] [--adapters-dir adapters]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from culign.targets import resolve
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regions", default="US,CN,IN,SA")
-    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--adapters-dir", default="adapters")
     args = ap.parse_args()
