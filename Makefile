@@ -17,7 +17,7 @@ setup: $(BIN)/culign
 
 # The demo trains on 3 presentations and measures on 3 held-out ones (a new wording, a new template, the reversed
 # scale), with the search capped at 4 minutes so that the whole job fits in 10 on a slow 2-core machine.
-# `culign train --region US` alone runs the full robust split (9 training presentations, 22 held-out).
+# `culign train --region US` alone runs the full robust split (9 training, 6 validation, 16 held-out presentations).
 DEMO_SPLIT := --train-presentation vsm/chat/asc --train-presentation plain/inline/asc \
 	--train-presentation terse/form/asc --no-validation \
 	--heldout formal/chat/asc --heldout vsm/interview/asc --heldout vsm/chat/desc

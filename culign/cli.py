@@ -325,8 +325,8 @@ def _floats(text: str) -> tuple[float, float]:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, tokens, dim, bound, scale, popsize,
-              budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, train, heldout,
-              validation, no_validation, wording_files, adapters_dir, checkpoint_dir, resume, progress, model,
+              budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, train,
+              heldout, validation, no_validation, wording_files, adapters_dir, checkpoint_dir, resume, progress, model,
               device, dtype, as_json):
     """Tune a soft prompt black-box so the frozen model's VSM 2013 indices match a region on every wording.
 
@@ -352,8 +352,8 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
     try:
         settings = TrainSettings(
             search=SearchConfig(optimizer=optimizer, tokens=tokens, dim=dim, bound=bound, scale=scale,
-                                popsize=popsize, budget=budget, subset=subset,
-                                max_seconds=None if max_minutes is None else 60.0 * max_minutes, robust=robust, strategy=strategy,
+                                popsize=popsize, budget=budget, subset=subset, robust=robust, strategy=strategy,
+                                max_seconds=None if max_minutes is None else 60.0 * max_minutes,
                                 mutation=_floats(mutation), recombination=recombination, sigma=sigma, elites=elites,
                                 seed=seed, init=init, init_text=init_text),
             split=split)

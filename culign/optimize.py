@@ -456,12 +456,15 @@ class SearchResult:
     generations: int
     history: list[list[float]]
     elapsed_s: float
-    interrupted: bool
+    stopped_by: str  # "budget", "time" (cfg.max_seconds) or "interrupt" (Ctrl-C)
     resumed_from: int | None
     seen_range: dict[str, list[float]]  # index -> [min, max] over every evaluated candidate and presentation
     selected_by: str  # "train" or "validation"
     elites: list[dict] = field(default_factory=list)  # [{train, validation}] of the candidates considered
-    stopped_by: str = "budget"  # "budget", "time" (cfg.max_seconds) or "interrupt"
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_by == "interrupt"
 
 
 def _elite_order(objective: RobustObjective, elites: list[np.ndarray]) -> list[np.ndarray]:
@@ -476,8 +479,8 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
 
     The budget counts candidates (the initial population included) and is spent in whole generations of
     ``popsize``, rounded down. With ``cfg.max_seconds`` the search also stops before a generation that would
-    end past that time (judged by the last generation's duration; ``SearchResult.stopped_by`` says which limit
-    ended it). ``on_batch`` is told how many candidates each generation added.
+    end past that time (judged by the dearest of the last few generations; ``SearchResult.stopped_by`` says
+    which limit ended it). ``on_batch`` is told how many candidates each generation added.
     """
     rng = np.random.default_rng(cfg.seed)
     opt = _OPTIMIZERS[cfg.optimizer](cfg, rng)
@@ -548,5 +551,5 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
         chosen, selected_by = elites[int(np.argmin(vals))], "validation"
     return SearchResult(chosen, objective.space.prompts(chosen)[0], objective.value(chosen),
                         nfev, objective.presentation_evals, generation, history,
-                        elapsed0 + time.perf_counter() - t0, interrupted, resumed_from, objective.seen_range,
-                        selected_by, considered, "interrupt" if interrupted else stopped_by)
+                        elapsed0 + time.perf_counter() - t0, "interrupt" if interrupted else stopped_by,
+                        resumed_from, objective.seen_range, selected_by, considered)

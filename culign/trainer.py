@@ -119,7 +119,8 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         "objective": result.objective, "selected_by": result.selected_by, "elites": result.elites,
         "evaluations": result.nfev, "presentation_evaluations": result.presentation_evals,
         "generations": result.generations, "history": result.history, "search_wall_time_s": result.elapsed_s,
-        "wall_time_s": wall, "interrupted": result.interrupted, "stopped_by": result.stopped_by, "resumed_from_generation": result.resumed_from,
+        "wall_time_s": wall, "interrupted": result.interrupted, "stopped_by": result.stopped_by,
+        "resumed_from_generation": result.resumed_from,
         "search": cfg.to_dict(), "seed": cfg.seed, "index_range_seen": result.seen_range,
     }
     provenance = {
@@ -137,8 +138,8 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     }
     info = registry.save(target.key, result.prompt, base_model=rt.name, base_fingerprint=rt.fingerprint,
                          provenance=provenance, files=report_files(report, comparison, result.history))
-    if not result.interrupted and result.stopped_by != "time":
+    if result.stopped_by == "budget":
         checkpoint.unlink(missing_ok=True)  # the adapter now holds the result; keep checkpoints only of cut runs
-        # (a run stopped by --max-minutes can go on with --resume and a larger limit)
+        # (Ctrl-C, or --max-minutes: either can go on with --resume)
     adapter.label = info.ref
     return TrainOutcome(info, report, format_table(comparison, result.seen_range), comparison, result)

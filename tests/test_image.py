@@ -6,6 +6,7 @@ Slow (minutes, a few GB of disk) and root-only: run with ``CULIGN_IMAGE_TEST=1 p
 """
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -28,8 +29,6 @@ def test_build_image_script_builds_and_serves(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert "cold start (process start to /readyz)" in out
     assert "/v1/models and a US chat completion OK" in out
-    import socket
-
     with pytest.raises(OSError):  # the script stopped the server it started, workers included
         socket.create_connection(("127.0.0.1", 3311), timeout=2).close()
     # the image's Python has the CPU build of torch, never the CUDA one

@@ -220,6 +220,16 @@ def test_an_interrupted_training_saves_the_best_so_far_marked_interrupted(word_r
     assert list((tmp_path / "runs").glob("*.json"))  # the checkpoint stays: --resume continues the cut run
 
 
+def test_a_time_limited_training_keeps_its_checkpoint_for_resume(word_runtime, survey, tmp_path):
+    reg = Registry(tmp_path / "adapters")
+    cfg = SearchConfig(**{**CFG, "budget": 600, "max_seconds": 1e-6})
+    out = train(word_runtime, survey, TARGET, TrainSettings(search=cfg, split=SPLIT), reg,
+                checkpoint_dir=tmp_path / "runs", progress=False, echo=lambda m: None)
+    assert out.report["stopped_by"] == "time" and not out.report["interrupted"] and out.report["evaluations"] == 6
+    assert out.report["heldout_loss"] is not None  # a normal result: scored everywhere
+    assert list((tmp_path / "runs").glob("*.json"))  # --resume with a larger limit goes on from here
+
+
 @pytest.mark.parametrize("strategy", ["best1bin", "rand1bin", "currenttobest1bin", "best2bin", "rand2bin",
                                       "randtobest1bin", "best1exp", "rand1exp"])
 def test_every_de_strategy_converges_on_a_quadratic(strategy):
