@@ -289,8 +289,11 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--robust", default=_CFG.robust, show_default=True, metavar="mean|worst|mean+Kstd",
               help="How the per-presentation losses are aggregated into the objective.")
 @click.option("--subset", default=_CFG.subset, show_default=True,
-              help="Training presentations each generation is scored on, drawn anew per generation (0: all). "
+              help="Training presentations each generation is scored on (0: all). "
                    "The best candidate of each generation is scored on all of them.")
+@click.option("--rotate-every", default=_CFG.rotate_every, show_default=True, metavar="GENERATIONS",
+              help="Generations a subset is kept for before the next is drawn: DE pays its parents' scores on a "
+                   "subset once per block, not every generation (1: a new subset every generation).")
 @click.option("--tokens", default=_CFG.tokens, show_default=True, help="Virtual tokens in the soft prompt.")
 @click.option("--dim", default=_CFG.dim, show_default=True, help="Dimension of the search space z (prompt = P0 + A z).")
 @click.option("--bound", default=_CFG.bound, show_default=True, help="z lies in [-bound, bound]^dim.")
@@ -324,7 +327,7 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, tokens, dim, bound, scale, popsize,
+def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, rotate_every, tokens, dim, bound, scale, popsize,
               budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, train,
               heldout, validation, no_validation, wording_files, adapters_dir, checkpoint_dir, resume, progress, model,
               device, dtype, as_json):
@@ -352,7 +355,8 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
     try:
         settings = TrainSettings(
             search=SearchConfig(optimizer=optimizer, tokens=tokens, dim=dim, bound=bound, scale=scale,
-                                popsize=popsize, budget=budget, subset=subset, robust=robust, strategy=strategy,
+                                popsize=popsize, budget=budget, subset=subset, rotate_every=rotate_every, robust=robust,
+                                strategy=strategy,
                                 max_seconds=None if max_minutes is None else 60.0 * max_minutes,
                                 mutation=_floats(mutation), recombination=recombination, sigma=sigma, elites=elites,
                                 seed=seed, init=init, init_text=init_text),

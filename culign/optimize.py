@@ -7,7 +7,8 @@ line, so the search starts where the persona baseline is) or of random vocabular
 The objective is robust: a candidate's loss is computed per training presentation (wording x template x order)
 and aggregated (mean, worst, mean + k std), with the option-mass guard applied per presentation. Scoring every
 candidate on every presentation costs a forward pass per presentation, so each generation scores its candidates
-on a *subset* of the training presentations (``subset``, drawn anew per generation from the seed):
+on a *subset* of the training presentations (``subset``, drawn from the seed and kept for ``rotate_every``
+generations, so that DE pays for its parents' scores on a subset once, not every generation):
 
 - **DE** compares each trial with its parent on the same subset (paired: a parent missing one of them is scored
   on it; scores are cached per candidate and presentation, so a parent that survives costs nothing the next
@@ -77,6 +78,8 @@ class SearchConfig:
                                                                         "boundary, rather than run past this time"})
     subset: int = field(default=1, metadata={"help": "training presentations each generation is scored on "
                                                       "(0: all of them)"})
+    rotate_every: int = field(default=4, metadata={"help": "generations a subset is kept for before the next is "
+                                                            "drawn (DE's parents are scored on it only once)"})
     robust: str = field(default="mean", metadata={"help": "aggregate over presentations: mean, worst, mean+Kstd"})
     strategy: str = field(default="best1bin", metadata={"help": "DE strategy (scipy's names)"})
     mutation: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "DE dithered mutation factor range"})
@@ -107,6 +110,8 @@ class SearchConfig:
                              f"(2 x popsize = {2 * self.popsize})")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
+        if self.rotate_every < 1:
+            raise ValueError(f"rotate_every must be >= 1, got {self.rotate_every}")
         if self.subset < 0:
             raise ValueError(f"subset must be >= 0 (0 = every training presentation), got {self.subset}")
         if self.strategy not in STRATEGIES:
@@ -173,12 +178,12 @@ def initial_prompt(runtime, cfg: SearchConfig, persona: str) -> torch.Tensor:
     return emb[ids].clone()
 
 
-def subset_for(generation: int, names: Sequence[str], k: int, seed: int) -> list[str]:
-    """The training presentations generation ``generation`` is scored on: k drawn without replacement, from an RNG
-    seeded by (seed, generation) alone, so a resumed run draws the same subsets."""
+def subset_for(block: int, names: Sequence[str], k: int, seed: int) -> list[str]:
+    """The training presentations block ``block`` of generations (generation // rotate_every) is scored on: k
+    drawn without replacement, from an RNG seeded by (seed, block) alone, so a resumed run draws the same subsets."""
     if k <= 0 or k >= len(names):
         return list(names)
-    picks = np.random.default_rng([seed, generation]).choice(len(names), size=k, replace=False)
+    picks = np.random.default_rng([seed, block]).choice(len(names), size=k, replace=False)
     return [names[i] for i in sorted(picks)]
 
 
@@ -509,7 +514,7 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
                 stopped_by = "time"
                 break
             t_generation = time.perf_counter()
-            subset = subset_for(generation, train, cfg.subset, cfg.seed)
+            subset = subset_for(generation // cfg.rotate_every, train, cfg.subset, cfg.seed)
             if generation == 0:
                 opt.start(objective, subset)
             else:

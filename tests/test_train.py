@@ -19,7 +19,7 @@ TARGET = resolve("US")
 TRAIN = ("vsm/chat/asc", "terse/form/asc", "plain/inline/asc")
 SPLIT = Split(TRAIN, {"wording:casual": ("casual/chat/asc",)},
               {"wording:formal": ("formal/chat/asc",), "order:desc": ("vsm/chat/desc",)})
-CFG = dict(tokens=4, dim=8, popsize=6, budget=24, seed=3, scale=3.0, subset=2, elites=3)
+CFG = dict(tokens=4, dim=8, popsize=6, budget=24, seed=3, scale=3.0, subset=2, elites=3, rotate_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,17 @@ def test_de_selection_is_paired_and_elites_see_every_presentation(word_runtime, 
     assert all(set(TRAIN) <= set(obj.cache[obj.key(z)]) for z in [res.z])
     chosen_val = obj.value(res.z, ["casual/chat/asc"])
     assert chosen_val == min(e["validation"] for e in res.elites)
+
+
+def test_a_kept_subset_spares_re_scoring_the_parents(word_runtime, scorer):
+    # one subset for the whole run (4 generations): trials are scored on it, surviving parents already were, and
+    # only a generation's best that beats the elites is scored on the other 2 presentations
+    kept, _ = _run(word_runtime, scorer, SearchConfig(**{**CFG, "subset": 1, "rotate_every": 4}))
+    assert kept.presentation_evals <= kept.nfev + kept.generations * (len(TRAIN) - 1)
+    fresh, _ = _run(word_runtime, scorer, SearchConfig(**{**CFG, "subset": 1, "rotate_every": 1}))
+    assert fresh.presentation_evals > kept.presentation_evals  # a new subset each generation re-scores parents
+    with pytest.raises(ValueError, match="rotate_every"):
+        SearchConfig(rotate_every=0)
 
 
 def test_subset_zero_scores_every_candidate_on_every_presentation(word_runtime, scorer):
