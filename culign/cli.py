@@ -454,11 +454,15 @@ def _registry(ctx: click.Context, adapters_dir: Path | None):
     return Registry(_registry_dir(adapters_dir, ctx))
 
 
-def _ref(ref: str) -> tuple[str, int | None]:
-    region, _, v = ref.partition("@")
-    if v and not v.isdigit():
-        raise click.BadParameter(f"version must be a number: {ref!r}", param_hint="REF")
-    return region, int(v) if v else None
+def _ref(ref: str, param_hint: str = "REF") -> tuple[str, int | None]:
+    """REGION or REGION@VERSION, by the one parser the service uses for its header and ``model`` field."""
+    from .regions import BadRegionSpec, parse_region
+
+    try:
+        spec = parse_region(ref, param_hint)
+    except BadRegionSpec as e:
+        raise click.BadParameter(str(e), param_hint=param_hint) from None
+    return spec.name, spec.version
 
 
 @adapters_group.command("list")
@@ -554,8 +558,8 @@ def adapters_verify(ctx, refs, adapters_dir, model, as_json):
         except Exception as e:  # noqa: BLE001 - every failure is a verification result here
             problems = [str(e)]
         results[f"{region}@{version}" if version else region] = problems
-    if not refs:
-        results.update({f"(scan) {w}": [w] for w in warnings})
+    if not refs:  # what the scan refused (and so a server never lists): the same rule, the same reasons
+        results.update({getattr(w, "ref", f"(scan) {w}"): [str(w)] for w in warnings})
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -604,8 +608,7 @@ def _load_adapter(name: str, adapters_dir: Path, rt):
         if path.is_dir():
             registry, region, version = Registry(path.parent.parent), path.parent.name, int(path.name)
         else:
-            region, _, v = name.partition("@")
-            registry, version = Registry(adapters_dir), (int(v) if v else None)
+            (region, version), registry = _ref(name, "--adapter"), Registry(adapters_dir)
         return registry.load(region, version, hidden_size=rt.hidden_size, base_fingerprint=rt.fingerprint)
     except (RegistryError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="--adapter") from None

@@ -66,7 +66,42 @@ class AdapterIncompatible(RegistryError):
 
 
 class _Invalid(Exception):
-    """A reason an on-disk entry is unusable; turned into AdapterCorrupt or a scan warning by the caller."""
+    """A reason an on-disk entry is unusable; turned into AdapterCorrupt or a scan warning by the caller.
+
+    ``kind`` says what the entry looks like: ``corrupt`` (damaged files), ``incomplete`` (files missing: a
+    half-written or partial copy), ``copy`` (a version folder copied or renamed to another number or region:
+    its culign.json names another version), ``unsafe`` (it leads out of the registry root).
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
+
+
+REFUSAL_WORDS = {"corrupt": "corrupt", "incomplete": "incomplete (half-written or a partial copy)",
+                 "copy": "a copy (its culign.json names another version or region)",
+                 "unsafe": "unsafe (outside the registry root)"}
+
+
+class ScanWarning(str):
+    """One entry scan() could not list, as the text operators read (``US@2 refused as a copy: ... (path)``), with
+    the parts a server needs to answer for it: ``region``, ``version``, ``ref``, ``kind`` and ``reason``."""
+
+    region: str
+    version: int
+    kind: str
+    reason: str
+    path: Path
+
+    def __new__(cls, region: str, version: int, kind: str, reason: str, path: Path) -> "ScanWarning":
+        self = super().__new__(cls, f"{region}@{version} refused as {REFUSAL_WORDS.get(kind, kind)}: {reason} "
+                                    f"({path})")
+        self.region, self.version, self.kind, self.reason, self.path = region, version, kind, reason, Path(path)
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"{self.region}@{self.version}"
 
 
 @dataclass(frozen=True)
@@ -177,7 +212,7 @@ def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise _Invalid(f"{path.name} is missing") from None
+        raise _Invalid(f"{path.name} is missing", "incomplete") from None
     except (OSError, ValueError) as e:
         raise _Invalid(f"{path.name} is unreadable: {e}") from None
     if not isinstance(obj, dict):
@@ -218,7 +253,7 @@ def _safetensors_shape(path: Path) -> list[int]:
                 raise _Invalid(f"{WEIGHTS_FILE} is truncated or not safetensors (header of {n} bytes, file {size})")
             header = json.loads(f.read(n))
     except FileNotFoundError:
-        raise _Invalid(f"{WEIGHTS_FILE} is missing") from None
+        raise _Invalid(f"{WEIGHTS_FILE} is missing", "incomplete") from None
     except (OSError, ValueError) as e:
         raise _Invalid(f"{WEIGHTS_FILE} header is unreadable: {e}") from None
     entry = header.get(TENSOR_KEY) if isinstance(header, dict) else None
@@ -235,8 +270,21 @@ def _safetensors_shape(path: Path) -> list[int]:
 
 
 def _read_info(region: str, version: int, path: Path) -> tuple[AdapterInfo, dict]:
-    """AdapterInfo and provenance of one version folder from its metadata and weights header (no hashing)."""
+    """AdapterInfo and provenance of one version folder from its metadata and weights header (no hashing).
+
+    The folder's number must be the version its culign.json was stamped with (and its region the folder's, up to
+    case): versions are published only by save(), so ``cp -r US/1 US/2`` is refused as a copy, here and so in
+    scan(), load() and verify() alike, never listed or served as a second version.
+    """
     prov = _read_json(path / PROVENANCE_FILE)
+    stamped_version, stamped_region = prov.get("version"), prov.get("region")
+    if stamped_version != version or isinstance(stamped_version, bool):
+        raise _Invalid(f"{PROVENANCE_FILE} says version {stamped_version!r} but the folder is {version}: a version "
+                       "folder copied or renamed to a new number; publish it with culign (Registry.save) instead",
+                       "copy")
+    if not isinstance(stamped_region, str) or stamped_region.casefold() != region.casefold():
+        raise _Invalid(f"{PROVENANCE_FILE} says region {stamped_region!r} but the folder is {region!r}: a version "
+                       "folder copied from another region; publish it with culign (Registry.save) instead", "copy")
     config = _read_json(path / PEFT_CONFIG_FILE)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise _Invalid(f"{PEFT_CONFIG_FILE} peft_type is {config.get('peft_type')!r}, not 'PROMPT_TUNING'")
@@ -482,7 +530,8 @@ class Registry:
 
     # ------------------------------------------------------------------ read
     def scan(self) -> tuple[list[AdapterInfo], list[str]]:
-        """Every readable version, sorted by (region, version), plus one warning per unreadable one.
+        """Every readable version, sorted by (region, version), plus one :class:`ScanWarning` per refused one
+        (a str naming the adapter and why: ``SA@1 refused as corrupt: adapter_model.safetensors is truncated ...``).
 
         Cheap (metadata and weight headers, no hashing): a bad entry never hides the good ones.
         """
@@ -493,8 +542,10 @@ class Registry:
                 try:
                     self._inside_root(path, f"{region_dir.name}@{version}")
                     infos.append(_read_info(region_dir.name, version, path)[0])
-                except (_Invalid, RegistryError) as e:
-                    warnings.append(f"{path}: {e}")
+                except _Invalid as e:
+                    warnings.append(ScanWarning(region_dir.name, version, e.kind, str(e), path))
+                except RegistryError as e:
+                    warnings.append(ScanWarning(region_dir.name, version, "unsafe", str(e), path))
         for w in warnings:
             log.debug("scan skipped %s", w)
         return sorted(infos, key=lambda i: (i.region, i.version)), warnings
@@ -533,11 +584,20 @@ class Registry:
         region_dir = self._existing_region_dir(_check_region(region))
         on_disk = _versions_on_disk(region_dir)
         if version is None:
+            reasons = []
             for v in reversed(on_disk):  # latest readable: a broken newest version must not take the region down
-                if self._try_read(region_dir, v) is not None:
+                try:
+                    _read_info(region_dir.name, v, self._inside_root(region_dir / str(v), f"{region_dir.name}@{v}"))
                     version = v
                     break
+                except (_Invalid, RegistryError) as e:
+                    kind = getattr(e, "kind", "unsafe")
+                    log.warning("skipping adapter %s@%d: %s", region_dir.name, v, e)
+                    reasons.append(f"{region_dir.name}@{v} refused as {REFUSAL_WORDS[kind]}: {e}")
             else:
+                if reasons:  # it is there, but nothing in it may be served: say why, not "unknown"
+                    raise AdapterCorrupt(f"adapter {region_dir.name} is refused, no version passes the checks: "
+                                         + "; ".join(reasons))
                 raise self._not_found(f"adapter {region_dir.name} has no readable versions")
         elif version not in on_disk:
             raise AdapterNotFound(f"adapter {region_dir.name}@{version} not found; versions: {on_disk}",
@@ -547,7 +607,7 @@ class Registry:
         try:
             return _read_info(region_dir.name, version, path)
         except _Invalid as e:
-            raise AdapterCorrupt(f"adapter {ref} is corrupt: {e} ({path})") from None
+            raise AdapterCorrupt(f"adapter {ref} is refused as {REFUSAL_WORDS[e.kind]}: {e} ({path})") from None
 
     def load(self, region: str, version: int | None = None, *, hidden_size: int | None = None,
              base_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> LoadedAdapter:
@@ -558,7 +618,7 @@ class Registry:
         try:
             prompt = _read_weights(info, prov["weights_sha256"])
         except _Invalid as e:
-            raise AdapterCorrupt(f"adapter {info.ref} is corrupt: {e} ({info.path})") from None
+            raise AdapterCorrupt(f"adapter {info.ref} is refused as corrupt: {e} ({info.path})") from None
         return LoadedAdapter(info=info, prompt=prompt, provenance=prov)
 
     def verify(self, region: str, version: int | None = None, *, hidden_size: int | None = None,
@@ -576,11 +636,8 @@ class Registry:
         try:
             _read_weights(info, prov["weights_sha256"])
         except _Invalid as e:
-            problems.append(f"adapter {info.ref} is corrupt: {e}")
-        for key, expected in (("region", info.region), ("version", info.version)):
-            if prov.get(key) != expected:
-                problems.append(f"adapter {info.ref}: {PROVENANCE_FILE} says {key}={prov.get(key)!r}")
-        return problems
+            problems.append(f"adapter {info.ref} is refused as corrupt: {e}")
+        return problems  # a folder whose culign.json names another region or version failed in _resolve already
 
     # ------------------------------------------------------------------ remove
     def remove(self, region: str, version: int | None = None) -> list[AdapterInfo]:
