@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -45,17 +46,46 @@ class SurveyDataError(ValueError):
     and the item or field."""
 
 
-def _where(source: str, item_id: int | None = None, line: int | None = None) -> str:
-    return source + (f", item {item_id}" if item_id is not None else "") + (f" (line {line})" if line else "")
+def _where(source: str, item_id: int | None = None, line: int | None = None, path: str | None = None) -> str:
+    return (source + (f", item {item_id}" if item_id is not None else "") + (f" (line {line})" if line else "")
+            + (f" at {path}" if path else ""))
 
 
 def _line_of(text: str, item_id: int) -> int | None:
     """The line where item ``item_id`` starts in a JSON file, for error messages (best effort)."""
-    for needle in (f'"id": {item_id},', f'"id": {item_id}\n', f'"id":{item_id},'):
-        pos = text.find(needle)
-        if pos >= 0:
-            return text.count("\n", 0, pos) + 1
-    return None
+    m = re.search(rf'"id"\s*:\s*{item_id}(?![0-9.eE])', text)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+def _entry_lines(text: str, key: str = "items") -> list[int]:
+    """The line on which each entry of the top-level list ``key`` starts (best effort: [] if not found).
+
+    Walks the list with the JSON decoder itself, so the lines are exact whatever the layout.
+    """
+    decoder = json.JSONDecoder()
+    m = re.search(rf'"{key}"\s*:\s*\[', text)
+    lines: list[int] = []
+    if not m:
+        return lines
+    pos = m.end()
+    try:
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text) or text[pos] == "]":
+                return lines
+            lines.append(text.count("\n", 0, pos) + 1)
+            _, pos = decoder.raw_decode(text, pos)
+    except ValueError:
+        return lines
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # tabs and newlines are fine in survey text
+
+
+def _show(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_json(source: str, text: str) -> dict:
@@ -87,11 +117,15 @@ def _parse_items(raw_items, ids: Sequence[int] | None, source: str, text: str) -
     if not isinstance(raw_items, list):
         raise SurveyDataError(f"{source}: 'items' must be a list of items")
     items: dict[int, Item] = {}
+    lines = _entry_lines(text)
     for n, it in enumerate(raw_items):
+        line = lines[n] if n < len(lines) else None
         if not isinstance(it, dict) or not isinstance(it.get("id"), int) or isinstance(it.get("id"), bool):
-            raise SurveyDataError(f"{source}: entry {n + 1} of 'items' needs an integer 'id'")
+            got = it.get("id") if isinstance(it, dict) else it
+            raise SurveyDataError(f"{_where(source, None, line, f'items[{n}]')}: entry {n + 1} of 'items' needs an "
+                                  f"integer 'id', got {_show(got)}")
         item_id = it["id"]
-        where = _where(source, item_id, _line_of(text, item_id))
+        where = _where(source, item_id, line or _line_of(text, item_id), f"items[{n}]")
         if item_id in items:
             raise SurveyDataError(f"{where}: the id appears twice")
         if ids is not None and item_id not in ids:
@@ -107,8 +141,16 @@ def _parse_items(raw_items, ids: Sequence[int] | None, source: str, text: str) -
             got = sorted(scale) if isinstance(scale, dict) else scale
             raise SurveyDataError(f"{where}: 'scale' must give five labels, for answers 1..5; got {got!r}")
         for k, label in scale.items():
-            if not isinstance(label, str) or not label.strip():
+            if not isinstance(label, str):
+                raise SurveyDataError(f"{where}: the label for answer {k} must be a string, got {_show(label)}")
+            if not label.strip():
                 raise SurveyDataError(f"{where}: the label for answer {k} is empty")
+        for key, value in (("stem", stem), ("text", body), *((f"label {k}", v) for k, v in scale.items())):
+            if isinstance(value, str) and _CONTROL.search(value):
+                raise SurveyDataError(f"{where}: {key} contains a control character "
+                                      f"{_show(_CONTROL.search(value).group())} (NUL, escape, ...)")
+        if not isinstance(it.get("section", ""), str):
+            raise SurveyDataError(f"{where}: 'section' must be a string, got {_show(it.get('section'))}")
         items[item_id] = Item(item_id, stem, body, {int(k): v for k, v in scale.items()}, it.get("section", ""))
     if ids is not None:
         missing = [i for i in ids if i not in items]
@@ -131,6 +173,9 @@ class Wording:
     @classmethod
     def from_text(cls, text: str, source: str, ids: Sequence[int]) -> "Wording":
         raw = _read_json(source, text)
+        for key in ("title", "note"):
+            if key in raw and not isinstance(raw[key], str):
+                raise SurveyDataError(f"{source}: '{key}' must be a string, got {_show(raw[key])}")
         name = raw.get("name")
         if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
             raise SurveyDataError(f"{source}: 'name' must be a word of letters, digits, '-' or '_' (it is part of "
@@ -142,9 +187,15 @@ class Wording:
     def load(cls, path: str | Path, ids: Sequence[int]) -> "Wording":
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+            data = path.read_bytes()
+        except OSError as e:
             raise SurveyDataError(f"{path}: cannot read the wording file: {e}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise SurveyDataError(f"{path}: line {line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                                  "save the wording file as UTF-8") from None
         return cls.from_text(text, str(path), ids)
 
 

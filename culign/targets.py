@@ -8,9 +8,12 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 from .survey import DIMENSIONS
 
@@ -118,8 +121,100 @@ def resolve(query: str, *, saudi_variant: str = DEFAULT_SAUDI_VARIANT) -> Target
 _CUSTOM = re.compile(r"^\s*([A-Za-z]{3})\s*=\s*(-?\d+(?:\.\d+)?)\s*$")
 
 
+TARGET_FILE_MAX_BYTES = 64 * 1024  # a target is six numbers; anything larger is the wrong file
+
+
+class TargetFileError(ValueError):
+    """A targets file (``--target @FILE``) that does not hold a target; the message names the file, line and item."""
+
+
+def _file_error(path, line: int | None, item: str | None, why: str) -> TargetFileError:
+    where = str(path) + (f", line {line}" if line else "") + (f", {item}" if item else "")
+    return TargetFileError(f"{where}: {why}")
+
+
+def _target_value(value, path, line, item) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _file_error(path, line, item, f"expected a number, got {value!r:.40}")
+    if not math.isfinite(value):
+        raise _file_error(path, line, item, f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def read_target_file(path: str | Path) -> dict[str, float]:
+    """Scores from a targets file: a JSON object ``{"PDI": 80, "IDV": 20}`` (or ``{"scores": {...}}``), or lines of
+    ``DIM=NUMBER`` (blank lines and ``#`` comments skipped). Every error names the file, the line and the item."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()[: TARGET_FILE_MAX_BYTES + 1]
+    except OSError as e:
+        raise _file_error(path, None, None, f"cannot read the targets file: {e.strerror or e}") from None
+    if len(data) > TARGET_FILE_MAX_BYTES:
+        raise _file_error(path, None, None, f"larger than {TARGET_FILE_MAX_BYTES} bytes: not a targets file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _file_error(path, data.count(b"\n", 0, e.start) + 1, None,
+                          f"not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
+    scores: dict[str, float] = {}
+    if text.lstrip().startswith("{"):
+        try:
+            raw = json.loads(text, object_pairs_hook=_Pairs)  # pairs, so a key given twice is seen
+        except json.JSONDecodeError as e:
+            raise _file_error(path, e.lineno, f"column {e.colno}", f"not valid JSON: {e.msg}") from None
+        prefix = "$"
+        inner = dict(raw).get("scores", _Pairs()) if isinstance(raw, _Pairs) else None
+        if isinstance(inner, _Pairs) and inner:
+            raw, prefix = inner, "$.scores"
+        elif isinstance(raw, _Pairs) and any(k == "scores" for k, _ in raw):
+            raise _file_error(path, _key_line(text, "scores"), "$.scores", "must be an object of DIM: NUMBER")
+        for key, value in raw:
+            line, item = _key_line(text, key), f"{prefix}.{key}"
+            dim = key.upper() if isinstance(key, str) else key
+            if dim not in DIMENSIONS:
+                raise _file_error(path, line, item, f"unknown dimension {key!r}; dimensions are {', '.join(DIMENSIONS)}")
+            if dim in scores:
+                raise _file_error(path, line, item, f"dimension {dim} given twice")
+            scores[dim] = _target_value(value, path, line, item)
+    else:
+        for n, row in enumerate(text.splitlines(), 1):
+            row = row.split("#", 1)[0].strip()
+            if not row:
+                continue
+            for part in row.split(","):
+                m = _CUSTOM.match(part)
+                if not m:
+                    raise _file_error(path, n, f"term {part.strip()!r:.40}", "expected DIM=NUMBER, e.g. PDI=80")
+                dim = m.group(1).upper()
+                if dim not in DIMENSIONS:
+                    raise _file_error(path, n, f"term {part.strip()!r}",
+                                      f"unknown dimension {dim!r}; dimensions are {', '.join(DIMENSIONS)}")
+                if dim in scores:
+                    raise _file_error(path, n, f"term {part.strip()!r}", f"dimension {dim} given twice")
+                scores[dim] = float(m.group(2))
+    if not scores:
+        raise _file_error(path, None, None, "no DIM=NUMBER scores in the file")
+    return scores
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in file order."""
+
+
+def _key_line(text: str, key) -> int | None:
+    m = re.search(re.escape(json.dumps(key)) + r"\s*:", text) if isinstance(key, str) else None
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
 def parse_custom(spec: str, name: str = "custom") -> Target:
-    """``PDI=80,IDV=20,...`` -> a Target over the dimensions given (at least one)."""
+    """``PDI=80,IDV=20,...`` -> a Target over the dimensions given (at least one); ``@FILE`` reads them from a
+    targets file (see :func:`read_target_file`)."""
+    if spec.startswith("@"):
+        scores = read_target_file(spec[1:])
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise ValueError(f"bad target name {name!r}: use letters, digits, '_' or '-' (at most 64)")
+        missing = tuple(d for d in DIMENSIONS if d not in scores)
+        return Target(name, name, scores, f"custom target from {spec[1:]}", None, missing)
     scores: dict[str, float] = {}
     for part in spec.split(","):
         m = _CUSTOM.match(part)

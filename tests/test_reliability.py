@@ -167,3 +167,120 @@ def test_a_symlinked_version_folder_out_of_the_root_is_refused(fenced):
     assert warnings[0].kind in ("unsafe", "copy")
     with pytest.raises(RegistryError):
         reg.load("US", 2)
+
+
+# ---------------------------------------------------------------------------------------------------- user data files
+def _wording(**change):
+    from culign.survey import Survey
+
+    items = [{"id": it.id, "stem": it.stem, "text": it.text, "scale": {str(k): v for k, v in it.scale.items()}}
+             for it in Survey.load().items]
+    return {"name": "mine", "title": "Mine", "note": "test", "items": items, **change}
+
+
+def _line_of_entry(text: str, n: int) -> int:
+    """Line of the n-th '"id":' in an indent=1 dump (each item starts one line above its id)."""
+    pos = [i for i in range(len(text)) if text.startswith('"id":', i)][n]
+    return text.count("\n", 0, pos)
+
+
+WORDING_CASES = {
+    "text-wrong-type": (lambda d: d["items"][3].update({"text": 7}), r"item 4 \(line {line}\) at items\[3\]: 'text'"),
+    "id-missing": (lambda d: d["items"][5].pop("id"), r"\(line {line}\) at items\[5\]: entry 6 .*integer 'id', got None"),
+    "id-string": (lambda d: d["items"][5].update({"id": "6"}), r"at items\[5\]: .*got '6'"),
+    "label-number": (lambda d: d["items"][2]["scale"].update({"3": 3}), r"item 3 .*at items\[2\]: the label for answer 3 "
+                     r"must be a string, got 3"),
+    "nul-in-text": (lambda d: d["items"][7].update({"text": "a\x00b"}), r"item 8 .*text contains a control character"),
+    "stem-list": (lambda d: d["items"][0].update({"stem": ["x"]}), r"item 1 .*'stem'"),
+    "section-number": (lambda d: d["items"][1].update({"section": 5}), r"item 2 .*'section' must be a string"),
+    "title-number": (lambda d: d.update({"title": 5}), r"'title' must be a string"),
+    "items-object": (lambda d: d.update({"items": {}}), r"'items' must be a list"),
+    "entry-string": (lambda d: d["items"].__setitem__(4, "five"), r"at items\[4\]: entry 5 .*got 'five'"),
+}
+
+
+@pytest.mark.parametrize("case", list(WORDING_CASES))
+def test_a_bad_wording_file_names_the_file_line_and_item(tmp_path, case):
+    from culign.survey import Survey, SurveyDataError
+
+    mutate, pattern = WORDING_CASES[case]
+    d = _wording()
+    path = tmp_path / "w.json"
+    text_before = json.dumps(d, indent=1)
+    mutate(d)
+    text = json.dumps(d, indent=1)
+    path.write_text(text)
+    n = int(next(iter(__import__("re").findall(r"items\\\[(\d+)", pattern)), 0))
+    line = _line_of_entry(text_before, n) if "{line}" in pattern else 0
+    with pytest.raises(SurveyDataError, match=str(path).replace(".", r"\.") + ".*" + pattern.format(line=line)):
+        Survey.load(wording_files=[path])
+    r = CliRunner().invoke(main, ["presentations", "--wording-file", str(path)])
+    assert r.exit_code == 2 and "--wording-file" in r.output and "Traceback" not in r.output
+
+
+def test_a_wording_file_that_is_not_utf8_or_not_json_names_the_line(tmp_path):
+    from culign.survey import Survey, SurveyDataError
+
+    path = tmp_path / "w.json"
+    text = json.dumps(_wording(), indent=1)
+    path.write_bytes(text.encode().replace(b'"id": 9,', b'"id": 9, "x": "\xff\xfe",'))
+    with pytest.raises(SurveyDataError, match=rf"w\.json: line {_line_of_entry(text, 8) + 1}: not UTF-8"):
+        Survey.load(wording_files=[path])
+    path.write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(SurveyDataError, match=r"w\.json: not valid JSON at line \d+, column \d+"):
+        Survey.load(wording_files=[path])
+    for junk in ("[]", "null", ""):
+        path.write_text(junk)
+        with pytest.raises(SurveyDataError, match=r"w\.json"):
+            Survey.load(wording_files=[path])
+    with pytest.raises(SurveyDataError, match="cannot read"):
+        Survey.load(wording_files=[tmp_path / "nope.json"])
+
+
+def test_a_good_targets_file_in_both_formats(tmp_path):
+    from culign.targets import parse_custom
+
+    (tmp_path / "t.json").write_text('{"PDI": 80, "idv": 20.5}')
+    (tmp_path / "t.txt").write_text("# my target\nPDI=80\n\nIDV = 20.5, MAS=66  # three\n")
+    (tmp_path / "s.json").write_text('{"name": "ignored", "scores": {"LTO": 10}}')
+    assert parse_custom(f"@{tmp_path / 't.json'}").scores == {"PDI": 80.0, "IDV": 20.5}
+    assert parse_custom(f"@{tmp_path / 't.txt'}", "mine").scores == {"PDI": 80.0, "IDV": 20.5, "MAS": 66.0}
+    t = parse_custom(f"@{tmp_path / 's.json'}")
+    assert t.scores == {"LTO": 10.0} and "PDI" in t.missing
+
+
+TARGET_CASES = [
+    ("t.json", '{\n "PDI": 80,\n "IDV": "twenty"\n}', r"t\.json, line 3, \$\.IDV: expected a number, got 'twenty'"),
+    ("t.json", '{\n "PDI": 80,\n "XYZ": 1\n}', r"t\.json, line 3, \$\.XYZ: unknown dimension 'XYZ'"),
+    ("t.json", '{\n "PDI": 80,\n "pdi": 1\n}', r"t\.json, line 3, \$\.pdi: dimension PDI given twice"),
+    ("t.json", '{\n "PDI": NaN\n}', r"line 2, \$\.PDI: expected a finite number"),
+    ("t.json", '{\n "PDI": true\n}', r"line 2, \$\.PDI: expected a number, got True"),
+    ("t.json", '{\n "scores": {\n  "MAS": [1]\n }\n}', r"line 3, \$\.scores\.MAS: expected a number"),
+    ("t.json", '{\n "scores": 5\n}', r"line 2, \$\.scores: must be an object"),
+    ("t.json", '{\n "PDI": 80,\n', r"t\.json, line \d, column \d+: not valid JSON"),
+    ("t.json", "{}", r"t\.json: no DIM=NUMBER scores"),
+    ("t.txt", "PDI=80\nIDV=abc\n", r"t\.txt, line 2, term 'IDV=abc': expected DIM=NUMBER"),
+    ("t.txt", "PDI=80\n\n# c\nFOO=1\n", r"t\.txt, line 4, term 'FOO=1': unknown dimension"),
+    ("t.txt", "PDI=80, PDI=81\n", r"line 1, term 'PDI=81': dimension PDI given twice"),
+    ("t.txt", "# nothing\n", r"t\.txt: no DIM=NUMBER"),
+    ("t.txt", b"PDI=80\nIDV=\xff\n", r"t\.txt, line 2: not UTF-8"),
+    ("t.txt", "PDI=1\n" * 20000, r"larger than 65536 bytes"),
+]
+
+
+@pytest.mark.parametrize("name,content,pattern", TARGET_CASES)
+def test_a_bad_targets_file_names_the_file_line_and_item(tmp_path, name, content, pattern):
+    from culign.targets import TargetFileError, parse_custom
+
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(TargetFileError, match=pattern):
+        parse_custom(f"@{path}")
+    r = CliRunner().invoke(main, ["eval", "--target", f"@{path}"])
+    assert r.exit_code == 2 and "--target" in r.output and "Traceback" not in r.output
+    assert name in r.output
+
+
+def test_a_missing_targets_file_is_a_usage_error(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--target", f"@{tmp_path / 'nope.json'}"])
+    assert r.exit_code == 2 and "nope.json: cannot read the targets file" in r.output
