@@ -2,14 +2,16 @@
 
     bentoml serve service:Culign            # then: curl -H 'X-Culign-Region: US' localhost:3000/chat -d '{...}'
 
-HTTP in, runtime call, HTTP out: the logic (region selection, adapter cache, batched decoding) is culign/serving.py.
-Env: CULIGN_MODEL / CULIGN_DTYPE / CULIGN_DEVICE (the runtime), CULIGN_ADAPTERS (registry, default adapters/ here),
-CULIGN_MAX_TOKENS (cap), CULIGN_RESCAN_SECONDS, CULIGN_BATCH_WINDOW_MS, CULIGN_MAX_BATCH, CULIGN_LOG_LEVEL (docs/deploy.md).
+HTTP in, engine call, HTTP out. The logic lives in culign/: the chat engine (serving.py), the continuous-batching
+scheduler (scheduler.py), the adapter cache (adapter_cache.py); the settings are read once from the environment
+(settings.py, listed in docs/deploy.md). What is HTTP stays here: size limits, content types, error shapes,
+client disconnects, /metrics.
 """
 from __future__ import annotations
 
+import json
 import logging
-import os
+import threading
 from pathlib import Path
 
 import bentoml
@@ -20,9 +22,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from culign.registry import Registry
-from culign.serving import REGION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply, load_runtime
+from culign.serving import REGION_HEADER, VERSION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply, \
+    load_runtime
+from culign.settings import ServiceSettings
 
 log = logging.getLogger("culign.service")
+API_PATHS = ("/chat", "/v1/chat/completions")
+SETTINGS = ServiceSettings.from_env(default_adapters=Path(__file__).resolve().parent / "adapters")
 
 
 class _QuietBadBodies(logging.Filter):
@@ -30,10 +36,133 @@ class _QuietBadBodies(logging.Filter):
     log has the line, so that is not a server error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], ValidationError))
+        return not (record.exc_info and isinstance(record.exc_info[1], (ValidationError, json.JSONDecodeError,
+                                                                         UnicodeDecodeError)))
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(_QuietBadBodies())
+logging.getLogger("bentoml.access").addFilter(_QuietBadBodies())
+logging.getLogger("_bentoml_impl.server.app").addFilter(_QuietBadBodies())
+
+
+def _error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status)
+
+
+def _param(loc) -> str:
+    """pydantic's error location -> ``messages[0].content``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def _openai_error(body: bytes) -> bytes | None:
+    """BentoML's 400 for a body that failed the pydantic model -> OpenAI's error shape, naming the parameter."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    detail = data.get("detail") if isinstance(data, dict) else None
+    if not isinstance(detail, list) or not detail or not isinstance(detail[0], dict):
+        return None
+    first = detail[0]
+    loc = [p for p in first.get("loc", []) if p not in ("body",)]
+    # a union (str | list) reports one error per member: the field is what matters
+    loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "list", "int", "float", "bool")))]
+    param = _param(loc)
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "unrecognized request argument"
+    message = f"{param}: {msg}" + (f" (and {len(detail) - 1} more)" if len(detail) > 1 else "")
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                 "code": 400}}).encode()
+
+
+class HttpGuard:
+    """ASGI middleware in front of the API: size caps, content type, trailing slashes, error shapes.
+
+    - a body over ``max_body`` bytes -> 413 (read no further); a header value over ``max_header`` -> 431;
+    - POST to the API with a Content-Type that is not JSON -> 415 (BentoML would log a traceback for it);
+    - ``/chat/`` is ``/chat`` (no 307 redirect that a client would follow with a GET);
+    - BentoML's 400 for a body failing the request model is rewritten in OpenAI's shape with ``param``.
+    """
+
+    def __init__(self, app, max_body: int, max_header: int):
+        self.app, self.max_body, self.max_header = app, max_body, max_header
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/"), "raw_path": path.rstrip("/").encode()}
+            path = scope["path"]
+        for name, value in scope.get("headers", []):
+            if len(value) > self.max_header:
+                return await _error(431, f"header {name.decode('latin-1')[:40]!r} is {len(value)} bytes (at most "
+                                         f"{self.max_header})", name.decode("latin-1")[:40])(scope, receive, send)
+        if path not in API_PATHS or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype not in ("application/json", ""):
+            return await _error(415, f"Content-Type must be application/json, got {ctype[:60]!r}",
+                                "Content-Type")(scope, receive, send)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await _error(413, f"body is {declared} bytes (at most {self.max_body})", "body")(scope, receive,
+                                                                                                    send)
+        chunks, size = [], 0
+        while True:  # read the body here, so that an endless one stops at the cap
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await _error(413, f"body is over {self.max_body} bytes", "body")(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        if not body.strip():
+            return await _error(400, "the request body is empty: send a JSON object", "body")(scope, receive, send)
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return await _error(400, f"the request body is not valid JSON: {str(e)[:120]}", "body")(scope, receive,
+                                                                                                    send)
+        start: dict | None = None
+
+        async def send_reshaped(message):
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                start = message  # hold it: the body decides the shape
+                return
+            if start is not None and message["type"] == "http.response.body":
+                fixed = _openai_error(message.get("body", b"")) if not message.get("more_body") else None
+                if fixed is not None:
+                    hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                    hdrs.append((b"content-length", str(len(fixed)).encode()))
+                    await send({**start, "headers": hdrs})
+                    await send({"type": "http.response.body", "body": fixed})
+                else:
+                    await send(start)
+                    await send(message)
+                start = None
+                return
+            await send(message)
+
+        await self.app(scope, replay, send_reshaped)
 
 
 def to_response(reply: Reply, ctx: bentoml.Context | None = None) -> Response:
@@ -46,33 +175,80 @@ def to_response(reply: Reply, ctx: bentoml.Context | None = None) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    return to_response(bentoml.get_current_service().engine.models())
+    return to_response(await bentoml.get_current_service().engine.models())
 
 
 # GET routes are not @bentoml.api material: a small Starlette app, mounted at /v1, serves them.
 openai_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 
 
+class Metrics:
+    """culign's lines on BentoML's /metrics: queue depth, rows in flight, tokens/s, requests per region."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine = engine
+        self.queued = bentoml.metrics.Gauge(name="culign_queue_depth", documentation="requests waiting for a row")
+        self.rows = bentoml.metrics.Gauge(name="culign_rows_in_flight", documentation="rows being decoded")
+        self.rate = bentoml.metrics.Gauge(name="culign_tokens_per_second",
+                                          documentation="tokens generated per second, over the last 10 s")
+        self.requests = bentoml.metrics.Counter(name="culign_requests", documentation="chat requests answered, by "
+                                                "region (base: no adapter) and status", labelnames=["region", "status"])
+        self.rejected = bentoml.metrics.Gauge(name="culign_rejected_total",
+                                              documentation="requests refused with 429 since start")
+        self.cancelled = bentoml.metrics.Gauge(name="culign_cancelled_rows_total",
+                                               documentation="rows stopped early since start (client gone, stop "
+                                                             "string matched)")
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name="culign-metrics", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self.refresh()
+
+    def refresh(self) -> None:
+        worker = self.engine.worker
+        self.queued.set(worker.queued)
+        self.rows.set(worker.stats.rows_in_flight)
+        self.rate.set(worker.stats.tokens_per_s())
+        self.rejected.set(worker.stats.rejected)
+        self.cancelled.set(worker.stats.cancelled_rows)
+
+    def count(self, reply: Reply) -> None:
+        served = reply.headers.get(VERSION_HEADER, "none")
+        self.requests.labels(region="base" if served == "none" else served.split("@")[0],
+                             status=str(reply.status)).inc()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.service(name="culign", workers=1, traffic={"timeout": 600})
 class Culign:
     def __init__(self) -> None:
-        logging.getLogger("culign").setLevel(os.environ.get("CULIGN_LOG_LEVEL", "INFO"))  # BentoML's root: WARNING
-        root = os.environ.get("CULIGN_ADAPTERS") or str(Path(__file__).resolve().parent / "adapters")
-        runtime = load_runtime()  # the embedded default, or CULIGN_MODEL; decoding runs on the worker thread
-        log.info("serving %s (%s) with adapters from %s", runtime.name, runtime.fingerprint, root)
-        self.engine = ChatEngine(runtime, Registry(root))
+        logging.getLogger("culign").setLevel(SETTINGS.log_level)  # BentoML's root logger says WARNING
+        runtime = load_runtime(model=SETTINGS.model, device=SETTINGS.device, dtype=SETTINGS.dtype)
+        log.info("serving %s (%s) in %s with adapters from %s", runtime.name, runtime.fingerprint,
+                 str(runtime.dtype).replace("torch.", ""), SETTINGS.adapters)
+        self.engine = ChatEngine(runtime, Registry(SETTINGS.adapters), SETTINGS)
         self.engine.adapters.warm()
+        self.metrics = Metrics(self.engine)
 
     @bentoml.api(route="/chat")
     async def chat(self, body: ChatRequest, /, ctx: bentoml.Context) -> dict:
         """Chat with the model under the region named by the X-Culign-Region header (none: the base model)."""
-        return to_response(await self.engine.chat(body, ctx.request.headers.getlist(REGION_HEADER)), ctx)
+        reply = await self.engine.chat(body, ctx.request.headers.getlist(REGION_HEADER),
+                                       ctx.request.is_disconnected)
+        self.metrics.count(reply)
+        return to_response(reply, ctx)
 
     @bentoml.api(route="/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, /, ctx: bentoml.Context) -> dict:
         """OpenAI-compatible chat; the region comes from X-Culign-Region or the `model` field."""
-        return to_response(await self.engine.chat_completions(body, ctx.request.headers.getlist(REGION_HEADER)), ctx)
+        reply = await self.engine.chat_completions(body, ctx.request.headers.getlist(REGION_HEADER),
+                                                   ctx.request.is_disconnected)
+        self.metrics.count(reply)
+        return to_response(reply, ctx)
 
     def __is_ready__(self) -> bool:
         return self.engine.worker.alive()
@@ -82,4 +258,8 @@ class Culign:
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        self.metrics.close()
         self.engine.close()
+
+
+Culign.add_asgi_middleware(HttpGuard, max_body=SETTINGS.max_body_bytes, max_header=SETTINGS.max_header_bytes)

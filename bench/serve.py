@@ -1,25 +1,31 @@
-"""Serving benchmark: mixed-region batching vs one adapter per batch (PEFT-style) vs the base model.
+"""Serving benchmark under realistic load: continuous batching vs static micro-batching vs one adapter at a time.
 
-Drives the service's own engine in-process (culign.serving.ChatEngine: validation, adapter cache, the batching
-decode worker, detokenizing), with no HTTP in the way, so it measures the batching itself. N concurrent clients,
-spread over R regions, each send their requests one after another (closed loop):
+Drives the service's own engine in-process (culign.serving.ChatEngine: validation, adapter cache, scheduler,
+detokenizing), with no HTTP in the way. Requests ask for 8..256 new tokens (uniform, fixed seed) and spread over
+4 regions plus the base model. Workloads:
 
-  mixed        the service as shipped: rows of any region share a batch, one forward per step
-  one-adapter  (a) the same requests, but a batch only ever holds one soft prompt (as PEFT serves a PromptTuning
-               model); the regions waiting are decoded one after another
-  base         (b) the same requests with no region header: the base model, no soft prompts
+  poisson@R    open loop: requests arrive at R per second (exponential gaps), whatever the server's state
+  closed-16    16 clients, each sending its next request when the last one is answered
 
-    python bench/serve.py                      # 8 clients, 4 regions, 2 requests each, 32 new tokens
-    python bench/serve.py --check-solo         # also: does each batched greedy answer equal its solo decode?
+Schedulers:
 
-Goals (issue): mixed >= 3x one-adapter in tokens/s; soft-prompt overhead vs base <= 10 %.
-Adapters: random prompts scaled like the embedding table (fixed seeds) in a temporary registry, unless --adapters
-names a registry holding at least --regions regions.
+  continuous   the service as shipped (culign.scheduler.Scheduler): rows join at the next step, leave at once
+  static       the previous design (StaticBatcher): gather for 5 ms, decode that batch to its end
+  one-adapter  the peer: static batches that only ever hold one soft prompt (as PEFT serves a PromptTuning model)
+
+Printed per (workload, scheduler): tokens/s, time to first token p50/p99, inter-token latency p50/p99, mean rows
+per decode step. Goals (issue 9): TTFT p99 <= 25 % of static's at the same load, throughput >= static's, >= 3x the
+one-adapter peer. Then batch invariance: random mixes of requests (regions, lengths, arrival offsets) through the
+continuous scheduler, each greedy answer compared with the same request decoded alone, in float32 and bf16.
+
+    python bench/serve.py                          # everything (~10 min on 2 cores)
+    python bench/serve.py --rates 1 --requests 16 --mixes 16   # a quick look
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import tempfile
@@ -31,10 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from culign.registry import Registry  # noqa: E402
-from culign.runtime import Runtime  # noqa: E402
-from culign.serving import COMPUTE_THREADS, BatchWorker, ChatEngine, ChatRequest, Job, load_runtime  # noqa: E402
+from culign.runtime import GenerationRequest, Runtime, cpu_capability  # noqa: E402
+from culign.scheduler import COMPUTE_THREADS, Job, Scheduler, StaticBatcher  # noqa: E402
+from culign.serving import ChatEngine, ChatRequest, load_runtime  # noqa: E402
+from culign.settings import ServiceSettings  # noqa: E402
 
-REGIONS = ["US", "CN", "IN", "SA", "JP", "DE", "BR", "NG"]
+REGIONS = ["US", "CN", "IN", "SA"]
 QUESTIONS = [
     "What matters most in raising children?",
     "Should employees question their manager's decisions?",
@@ -47,8 +55,8 @@ QUESTIONS = [
 ]
 
 
-class OneAdapterPerBatch(BatchWorker):
-    """PEFT-style serving: the rows of one batch share one soft prompt; other regions wait their turn."""
+class OneAdapterAtATime(StaticBatcher):
+    """The peer: a batch's rows share one soft prompt; the other regions of a gathered batch wait their turn."""
 
     def _decode(self, batch: list[Job]) -> None:
         groups: dict[str, list[Job]] = {}
@@ -58,114 +66,160 @@ class OneAdapterPerBatch(BatchWorker):
             super()._decode(group)
 
 
-def registry_for(rt: Runtime, args, scratch: str) -> Registry:
-    if args.adapters and len(Registry(args.adapters).regions()) >= args.regions:
-        return Registry(args.adapters)
+WORKERS = {"continuous": Scheduler, "static": StaticBatcher, "one-adapter": OneAdapterAtATime}
+
+
+def registry_for(rt: Runtime, scratch: str, virtual_tokens: int) -> Registry:
     registry, std = Registry(scratch), rt.embedding_matrix.float().std()
-    for seed, region in enumerate(REGIONS[:args.regions]):
+    for seed, region in enumerate(REGIONS):
         g = torch.Generator().manual_seed(seed)
-        registry.save(region, torch.randn(args.virtual_tokens, rt.hidden_size, generator=g) * std,
+        registry.save(region, torch.randn(virtual_tokens, rt.hidden_size, generator=g) * std,
                       base_model=rt.name, base_fingerprint=rt.fingerprint, provenance={"bench": True})
     return registry
 
 
-async def run_clients(engine: ChatEngine, clients: int, requests: int, max_tokens: int,
-                      regions: list[str | None]) -> list[dict]:
-    """Every client's requests, one after another; one record per request."""
+def workload(n: int, seed: int, lo: int, hi: int) -> list[tuple[str | None, str, int]]:
+    """(region or None, question, max_tokens) per request, fixed by the seed."""
+    rnd = random.Random(seed)
+    return [(rnd.choice([*REGIONS, None]), rnd.choice(QUESTIONS), rnd.randint(lo, hi)) for _ in range(n)]
+
+
+async def one_request(engine: ChatEngine, region, question, max_tokens, out: list[dict]) -> None:
+    body = ChatRequest(messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0.0)
+    t0 = time.perf_counter()
+    prepared = await engine.prepare(body, [region] if region else [])
+    job = engine.worker.submit(prepared.request, prepared.served_by, prepared.region)
+    stamps = []
+    async for _ in job.tokens():
+        stamps.append(time.perf_counter())
+    out.append({"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
+                "tokens": len(stamps)})
+
+
+async def drive(engine: ChatEngine, requests, rate: float | None, clients: int, seed: int) -> list[dict]:
     out: list[dict] = []
+    if rate is None:  # closed loop
+        queue = list(requests)
 
-    async def client(c: int) -> None:
-        for r in range(requests):
-            region, question = regions[c % len(regions)], QUESTIONS[(c + r) % len(QUESTIONS)]
-            body = ChatRequest(messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
-                               temperature=0.0)
-            t0 = time.perf_counter()
-            prepared = engine.prepare(body, [region] if region else [])
-            result = await engine.generate(prepared)
-            out.append({"latency": time.perf_counter() - t0, "ids": result.token_ids, "request": prepared.request})
+        async def client():
+            while queue:
+                await one_request(engine, *queue.pop(0), out)
 
-    await asyncio.gather(*(client(c) for c in range(clients)))
+        await asyncio.gather(*(client() for _ in range(clients)))
+    else:  # open loop: Poisson arrivals
+        rnd, tasks = random.Random(seed + 1), []
+        for req in requests:
+            tasks.append(asyncio.ensure_future(one_request(engine, *req, out)))
+            await asyncio.sleep(rnd.expovariate(rate))
+        await asyncio.gather(*tasks)
     return out
 
 
-def scenario(rt: Runtime, registry: Registry, args, worker_cls, regions: list[str | None]) -> dict:
-    worker = worker_cls(rt, args.window_ms / 1000, args.clients)
-    engine = ChatEngine(rt, registry, max_tokens_cap=args.max_tokens, worker=worker)
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def measure(rt: Runtime, registry: Registry, name: str, requests, rate, clients, seed, max_rows) -> dict:
+    worker = WORKERS[name](rt, max_rows=max_rows, max_queue=1024)
+    engine = ChatEngine(rt, registry, ServiceSettings(adapters=registry.root, max_tokens=512), worker=worker)
     engine.adapters.warm()
-    asyncio.run(run_clients(engine, args.clients, 1, 2, regions))  # warm-up, out of the timing
-    worker.batches = worker.rows = 0
+    asyncio.run(drive(engine, requests[:2], None, 2, seed))  # warm-up, out of the timing
+    steps0, rows0 = worker.stats.steps, worker.stats.step_rows
     t0 = time.perf_counter()
-    records = asyncio.run(run_clients(engine, args.clients, args.requests, args.max_tokens, regions))
+    records = asyncio.run(drive(engine, requests, rate, clients, seed))
     wall = time.perf_counter() - t0
     engine.close()
-    latencies = sorted(r["latency"] for r in records)
-    tokens = sum(len(r["ids"]) for r in records)
-    return {"requests": len(records), "tokens": tokens, "wall": wall, "tps": tokens / wall,
-            "p50": statistics.median(latencies), "p99": percentile(latencies, 0.99),
-            "rows": worker.rows / max(1, worker.batches), "records": records}
+    gaps = [g for r in records for g in r["gaps"]]
+    ttft = [r["ttft"] for r in records]
+    steps = max(1, worker.stats.steps - steps0)
+    return {"tps": sum(r["tokens"] for r in records) / wall, "ttft50": pct(ttft, 0.5), "ttft99": pct(ttft, 0.99),
+            "itl50": pct(gaps, 0.5), "itl99": pct(gaps, 0.99), "rows": (worker.stats.step_rows - rows0) / steps,
+            "wall": wall}
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (with few requests, p99 is the slowest one)."""
-    return sorted_values[min(len(sorted_values) - 1, max(0, int(-(-q * len(sorted_values) // 1)) - 1))]
+# ---------------------------------------------------------------------------------------------------- invariance
+async def mix_outputs(worker: Scheduler, reqs: list[GenerationRequest], offsets: list[float]) -> list[list[int]]:
+    async def one(req, delay):
+        await asyncio.sleep(delay)
+        return [t.id async for t in worker.submit(req).tokens()]
+
+    return await asyncio.gather(*(one(r, d) for r, d in zip(reqs, offsets)))
 
 
-def solo_mismatches(rt: Runtime, records: list[dict]) -> list[int]:
-    """For each batched answer that differs from the same request decoded alone: the first differing position."""
-    firsts = []
-    torch.set_num_threads(COMPUTE_THREADS)  # as the worker decoded; after the timed runs (see load_runtime)
-    for rec in records:
-        solo = rt.generate([rec["request"]])[0]
-        if solo != rec["ids"]:
-            firsts.append(next((i for i, (a, b) in enumerate(zip(solo, rec["ids"])) if a != b),
-                               min(len(solo), len(rec["ids"]))))
-    return firsts
-
-
-def run(rt: Runtime, registry: Registry, args) -> None:
-    regions = registry.regions()[:args.regions]
-    print(f"{rt.name} on {rt.device} in {str(rt.dtype).removeprefix('torch.')}, torch threads "
-          f"{COMPUTE_THREADS} (decode worker); {args.clients} clients over {len(regions)} regions ({', '.join(regions)}), "
-          f"{args.requests} requests each, {args.max_tokens} new tokens max, in-process (no HTTP)")
-    reports = {
-        "mixed": scenario(rt, registry, args, BatchWorker, regions),
-        "one-adapter": scenario(rt, registry, args, OneAdapterPerBatch, regions),
-        "base": scenario(rt, registry, args, BatchWorker, [None]),
-    }
-    print(f"{'scenario':<12} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'p50 s':>6} {'p99 s':>6} "
-          f"{'rows/batch':>10}")
-    for name, r in reports.items():
-        print(f"{name:<12} {r['requests']:>8} {r['tokens']:>7} {r['wall']:>7.2f} {r['tps']:>7.1f} {r['p50']:>6.2f} "
-              f"{r['p99']:>6.2f} {r['rows']:>10.1f}")
-    mixed, one, base = reports["mixed"], reports["one-adapter"], reports["base"]
-    print(f"mixed vs one-adapter: {mixed['tps'] / one['tps']:.2f}x tokens/s, p50 {one['p50'] / mixed['p50']:.2f}x "
-          f"lower, p99 {one['p99'] / mixed['p99']:.2f}x lower   (goal >= 3x)")
-    print(f"soft-prompt overhead vs base: {100 * (1 - mixed['tps'] / base['tps']):+.1f} % tokens/s, "
-          f"p50 {100 * (mixed['p50'] / base['p50'] - 1):+.1f} %   (goal <= 10 %)")
-    if args.check_solo:
-        firsts = solo_mismatches(rt, mixed["records"])
-        print(f"batched vs solo greedy ({str(rt.dtype).removeprefix('torch.')}): {len(firsts)} of "
-              f"{len(mixed['records'])} answers differ" + (f" (first differing token at {sorted(firsts)})"
-                                                            if firsts else ""))
+def invariance(rt: Runtime, registry: Registry, mixes: int, seed: int, max_rows: int) -> tuple[int, int]:
+    """(answers that differ from their solo decode, answers compared) over ``mixes`` random mixes."""
+    rnd = random.Random(seed)
+    prompts = {r: registry.load(r).prompt for r in REGIONS}
+    worker = Scheduler(rt, max_rows=max_rows, max_queue=1024)
+    solo_cache: dict[tuple, list[int]] = {}
+    differ = compared = 0
+    try:
+        for _ in range(mixes):
+            k = rnd.randint(2, max_rows)
+            reqs, offsets = [], []
+            for _ in range(k):
+                region = rnd.choice([*REGIONS, None])
+                q = rnd.choice(QUESTIONS)
+                reqs.append(GenerationRequest(rt.chat_ids([{"role": "user", "content": q}]),
+                                              prompts[region] if region else None, rnd.randint(4, 24)))
+                offsets.append(rnd.choice([0.0, 0.0, rnd.uniform(0, 0.3)]))  # some join mid-way
+            outs = asyncio.run(mix_outputs(worker, reqs, offsets))
+            for req, out, region_q in zip(reqs, outs, [(id(r.soft_prompt), tuple(r.input_ids), r.max_new_tokens)
+                                                      for r in reqs]):
+                if region_q not in solo_cache:
+                    solo_cache[region_q] = asyncio.run(mix_outputs(worker, [req], [0.0]))[0]
+                differ += out != solo_cache[region_q]
+                compared += 1
+    finally:
+        worker.close()
+    return differ, compared
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--regions", type=int, default=4, choices=range(1, len(REGIONS) + 1))
-    ap.add_argument("--requests", type=int, default=2, help="requests per client")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--virtual-tokens", type=int, default=8)
-    ap.add_argument("--window-ms", type=float, default=5.0, help="batch gathering window of the decode worker")
-    ap.add_argument("--dtype", default=None, help="runtime dtype (default: CULIGN_DTYPE or the device's default)")
-    ap.add_argument("--adapters", default=None, help="a registry with at least --regions regions to use instead")
-    ap.add_argument("--check-solo", action="store_true",
-                    help="also decode every mixed-batch request alone and count greedy answers that differ")
+    ap.add_argument("--rates", default="0.5,1,2", help="open-loop arrival rates, requests per second")
+    ap.add_argument("--requests", type=int, default=32, help="requests per workload")
+    ap.add_argument("--clients", type=int, default=16, help="closed-loop clients")
+    ap.add_argument("--min-tokens", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-rows", type=int, default=16)
+    ap.add_argument("--schedulers", default="continuous,static,one-adapter")
+    ap.add_argument("--mixes", type=int, default=64, help="random request mixes for the invariance check (0: skip)")
+    ap.add_argument("--dtype", default=None, help="load-test dtype (default: the service's, from the CPU)")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    rt = load_runtime(dtype=args.dtype)  # as the service does: see its docstring
+    rt = load_runtime(dtype=args.dtype)  # as the service does
+    torch.set_num_threads(COMPUTE_THREADS)
+    print(f"CPU: {cpu_capability()}; {rt.name} in {str(rt.dtype).removeprefix('torch.')}; {args.requests} requests "
+          f"per workload, max_tokens {args.min_tokens}..{args.max_tokens}, 4 regions + base, in-process (no HTTP)")
     with tempfile.TemporaryDirectory(prefix="culign-bench-") as scratch:
-        run(rt, registry_for(rt, args, scratch), args)
+        registry = registry_for(rt, scratch, 8)
+        reqs = workload(args.requests, args.seed, args.min_tokens, args.max_tokens)
+        loads = [(f"poisson@{r}", float(r)) for r in args.rates.split(",") if r] + [(f"closed-{args.clients}", None)]
+        names = args.schedulers.split(",")
+        print(f"\n{'workload':<12} {'scheduler':<12} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+              f"{'ITL p99':>8} {'rows/step':>9}")
+        for label, rate in loads:
+            res = {}
+            for name in names:
+                res[name] = r = measure(rt, registry, name, reqs, rate, args.clients, args.seed, args.max_rows)
+                print(f"{label:<12} {name:<12} {r['tps']:>7.1f} {r['ttft50']:>8.2f}s {r['ttft99']:>8.2f}s "
+                      f"{1000 * r['itl50']:>6.0f}ms {1000 * r['itl99']:>6.0f}ms {r['rows']:>9.1f}", flush=True)
+            c, s, o = res.get("continuous"), res.get("static"), res.get("one-adapter")
+            if c and s:
+                print(f"{'':<12} continuous vs static: TTFT p99 {100 * c['ttft99'] / s['ttft99']:.0f} % (goal <= 25 %), "
+                      f"throughput {c['tps'] / s['tps']:.2f}x (goal >= 1)" +
+                      (f"; vs one-adapter {c['tps'] / o['tps']:.2f}x (goal >= 3x)" if o else ""), flush=True)
+        if args.mixes:
+            for dtype in ("float32", "bfloat16"):
+                rt_d = rt if str(rt.dtype).endswith(dtype) else load_runtime(dtype=dtype)
+                torch.set_num_threads(COMPUTE_THREADS)
+                reg_d = registry_for(rt_d, tempfile.mkdtemp(prefix="culign-bench-"), 8)
+                differ, compared = invariance(rt_d, reg_d, args.mixes, args.seed, min(8, args.max_rows))
+                print(f"batch invariance ({dtype}): {differ} of {compared} greedy answers differ from their solo "
+                      f"decode over {args.mixes} random mixes (goal 0)", flush=True)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,61 @@ class GenerationRequest:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
+
+
+class DecodeBatch:
+    """Rows decoded together, each at its own length: their KV cache left-padded to one length, the attention mask
+    that hides the padding, each row's next position and the logits of its next token.
+
+    Rows join (``merge``: a newly prefilled batch, padded on the left to the longer of the two) and leave
+    (``keep``) between decode steps; columns that have become padding in every row are dropped.
+    """
+
+    def __init__(self, cache, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor):
+        self.cache, self.mask, self.positions, self.logits = cache, mask, positions, logits
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def _kv(self):
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def _set_kv(self, kv) -> None:
+        for layer, (k, v) in zip(self.cache.layers, kv):
+            layer.keys, layer.values = k, v
+
+    @staticmethod
+    def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+        if n == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = n
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    def merge(self, other: "DecodeBatch") -> None:
+        """Append ``other``'s rows (after this batch's)."""
+        la, lb = self.mask.shape[1], other.mask.shape[1]
+        length = max(la, lb)
+        kv = [(torch.cat([self._pad_left(ka, length - la, 2), self._pad_left(kb, length - lb, 2)]),
+               torch.cat([self._pad_left(va, length - la, 2), self._pad_left(vb, length - lb, 2)]))
+              for (ka, va), (kb, vb) in zip(self._kv(), other._kv())]
+        self._set_kv(kv)
+        self.mask = torch.cat([self._pad_left(self.mask, length - la, 1), self._pad_left(other.mask, length - lb, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.logits = torch.cat([self.logits, other.logits])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order), freeing the others' cache."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else mask.shape[1]  # leading columns that are padding in every kept row
+        self._set_kv([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                      for k, v in self._kv()])
+        self.mask = mask[:, first:]
+        self.positions = self.positions.index_select(0, index)
+        self.logits = self.logits.index_select(0, index)
 
 
 class Runtime:
@@ -472,6 +527,47 @@ class Runtime:
                                        use_cache=True)
             next_pos = next_pos + 1
 
+    # ------------------------------------------------------------------ iteration-level decoding
+    def decodes_incrementally(self) -> bool:
+        """Whether rows can join a running batch: every cache layer a plain growing one (no sliding window)."""
+        from transformers import DynamicCache
+
+        return not any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=self.model.config).layers)
+
+    @torch.inference_mode()
+    def prefill(self, request: GenerationRequest) -> DecodeBatch:
+        """One request's prompt (soft prompt included) through the model alone: a one-row batch ready to join
+        others. Alone, so that its cache and first token are the same whoever else is being served."""
+        from transformers import DynamicCache
+
+        embeds, mask, positions = self.build_inputs([(request.input_ids, request.soft_prompt)])
+        cache = DynamicCache(config=self.model.config)
+        logits = self._last_logits(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                   **self._kv(cache), use_cache=True)
+        return DecodeBatch(cache, mask, positions[:, -1:] + 1, logits)
+
+    @torch.inference_mode()
+    def decode_step(self, batch: DecodeBatch, tokens: Sequence[int]) -> None:
+        """Feed each row its last token; ``batch.logits`` becomes the logits of the next."""
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
+        batch.logits = self._last_logits(input_ids=ids, attention_mask=batch.mask, position_ids=batch.positions,
+                                         **self._kv(batch.cache), use_cache=True)
+        batch.positions = batch.positions + 1
+
+    def sampler(self, r: GenerationRequest) -> torch.Generator | None:
+        """The row's own random stream (seeded when the request gives a seed); None for greedy rows."""
+        if r.temperature <= 0:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(r.seed if r.seed is not None else torch.seed())
+        return g
+
+    @staticmethod
+    def pick(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
+        """The next token of one row from its logits: greedy, or sampled with temperature and top-p."""
+        return Runtime._pick(logits, r, gen)
+
     @staticmethod
     def _pick(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
         if r.temperature <= 0:
@@ -481,6 +577,7 @@ class Runtime:
         if r.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
+            keep[0] = True  # top_p = 0 (the OpenAI range allows it) keeps the most likely token
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=gen).item())
 

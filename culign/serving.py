@@ -1,37 +1,37 @@
-"""Serving logic behind ``service.py``: region selection, the hot adapter cache, the micro-batching decode worker,
-chat-request validation and the reply bodies (``/chat`` and OpenAI-shaped).
+"""The chat engine behind ``service.py``: request models and their checks, region selection, generation through
+the scheduler, stop strings, logprobs and the reply bodies (``/chat`` and OpenAI-shaped).
 
-Knows nothing of BentoML or of any HTTP framework: a handler gives :class:`ChatEngine` the parsed body and the
-region header, and gets back a :class:`Reply` (status, JSON body or a stream of SSE lines, headers).
+Knows nothing of BentoML or any HTTP framework: a handler gives :class:`ChatEngine` the parsed body and the region
+header and gets back a :class:`Reply` (status, JSON body or a stream of SSE lines, headers). The pieces it drives
+have their own modules: :mod:`culign.scheduler` (the decode thread), :mod:`culign.adapter_cache` (verified soft
+prompts), :mod:`culign.regions` (``REGION@VERSION``) and :mod:`culign.settings` (the knobs).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import os
-import queue
-import re
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Sequence
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from . import targets
-from .registry import AdapterInfo, Registry, RegistryError
+from .adapter_cache import Adapter, AdapterCache, AdapterNotFound, AdapterRefused
+from .regions import BadRegionSpec, parse_region, show
+from .registry import Registry
 from .runtime import GenerationRequest, Runtime
+from .scheduler import QueueFull, RowFailed, Scheduler, ShuttingDown, StaticBatcher, Token
+from .settings import ServiceSettings
 
 log = logging.getLogger("culign.serving")
 
 REGION_HEADER = "X-Culign-Region"
 VERSION_HEADER = "X-Culign-Adapter"  # response header: which adapter served the request ("US@2" or "none")
-REGION_SPEC_RE = re.compile(r"[A-Za-z0-9_-]{1,64}(?:@[0-9]+)?")  # used with fullmatch: no trailing-newline slip
-COMPUTE_THREADS = torch.get_num_threads()  # torch's own choice, taken before load_runtime narrows this thread
+MAX_STOP = 4  # stop sequences per request (the OpenAI API's limit)
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 
 
 def load_runtime(**kwargs: Any) -> Runtime:
@@ -46,335 +46,102 @@ def load_runtime(**kwargs: Any) -> Runtime:
     return Runtime.load(**kwargs)
 
 
-def _env_number(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value not in (None, "") else default
-
-
 # ---------------------------------------------------------------------------------------------------- errors
 class ServingError(Exception):
-    """A request the service refuses, with the HTTP status and an OpenAI-shaped JSON body."""
+    """A request the service refuses, with the HTTP status and an OpenAI-shaped JSON body naming the parameter."""
 
-    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", **extra: Any):
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(message)
-        self.status, self.message, self.kind, self.extra = status, message, kind, extra
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.headers, self.extra = headers or {}, extra
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "code": self.status, **self.extra}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status,
+                          **self.extra}}
 
 
-def _show(value: str, limit: int = 40) -> str:
-    """A request value safe to echo in an error: repr (control characters escaped), truncated."""
-    return repr(value[:limit] + ("..." if len(value) > limit else ""))
-
-
-# ---------------------------------------------------------------------------------------------------- regions
-@dataclass(frozen=True)
-class RegionSpec:
-    name: str
-    version: int | None = None  # None = latest
-
-
-def parse_region(value: str, source: str = REGION_HEADER) -> RegionSpec:
-    """``"US"``, ``"china@2"`` -> RegionSpec. Anything else (paths, control characters, long values) -> 400.
-
-    The name never reaches the filesystem as given: it is only compared with names the registry listed itself.
-    """
-    if not REGION_SPEC_RE.fullmatch(value):
-        raise ServingError(400, f"bad region {_show(value)} in {source}: expected NAME or NAME@VERSION, NAME being "
-                                "1-64 letters, digits, '_' or '-'", param=source)
-    name, _, version = value.partition("@")
-    return RegionSpec(name, int(version) if version else None)
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """A verified soft prompt, ready on the runtime's device and dtype."""
-    info: AdapterInfo
-    prompt: torch.Tensor  # [n, hidden]
-
-    @property
-    def ref(self) -> str:
-        return self.info.ref
-
-
-class AdapterCache:
-    """(region, version) -> verified soft prompt, over a registry that may change while we serve.
-
-    The registry listing is rescanned every ``rescan_every`` seconds and whenever a request names a region or version
-    the last scan did not have, so an adapter trained while the service runs is served without a restart and a new
-    version becomes ``latest``. Adapters that fail integrity or compatibility checks are refused (logged once) and
-    skipped; they never reach the model.
-    """
-
-    def __init__(self, registry: Registry, runtime: Runtime, rescan_every: float = 5.0, max_loaded: int = 256):
-        self.registry, self.runtime = registry, runtime
-        self.rescan_every, self.max_loaded = rescan_every, max_loaded
-        self._lock = threading.RLock()
-        self._infos: dict[str, dict[int, AdapterInfo]] = {}  # region -> version -> info, from the last scan
-        self._scanned_at = float("-inf")
-        self._warned: set[str] = set()
-        # Keyed by the scanned info, not (region, version): a removed version's number can be reused by a new save.
-        self._loaded: OrderedDict[AdapterInfo, Adapter] = OrderedDict()  # LRU
-        self._refused: dict[AdapterInfo, str] = {}
-        self._forced_at = float("-inf")
-
-    # ------------------------------------------------------------------ listing
-    def rescan(self) -> None:
-        infos, warnings = self.registry.scan()
-        table: dict[str, dict[int, AdapterInfo]] = {}
-        for info in infos:
-            table.setdefault(info.region, {})[info.version] = info
-        with self._lock:
-            self._infos, self._scanned_at = table, time.monotonic()
-        for w in warnings:
-            if w not in self._warned:  # a broken folder would otherwise be logged on every rescan
-                self._warned.add(w)
-                log.warning("registry: %s", w)
-
-    def _fresh(self) -> None:
-        if time.monotonic() - self._scanned_at >= self.rescan_every:
-            self.rescan()
-
-    def _rescan_for_unknown(self) -> None:
-        # A request naming something unknown may name an adapter saved a moment ago; the short floor keeps a flood
-        # of bad names from turning into a flood of directory scans.
-        if time.monotonic() - self._forced_at >= 0.2:
-            self._forced_at = time.monotonic()
-            self.rescan()
-
-    def available(self) -> dict[str, list[int]]:
-        """Region -> servable versions (ascending), refused ones left out."""
-        self._fresh()
-        with self._lock:
-            return {r: [v for v, info in sorted(vs.items()) if info not in self._refused]
-                    for r, vs in sorted(self._infos.items())}
-
-    def _canonical(self, name: str) -> str | None:
-        """The registry's own spelling of a region: its name case-insensitively, else the CLI's alias lookup."""
-        by_lower = {r.lower(): r for r in self._infos}
-        if name.lower() in by_lower:
-            return by_lower[name.lower()]
-        try:
-            key = targets.resolve(name).key  # "China", "CHI", "cn" -> "CN"
-        except ValueError:  # UnknownRegionError is a ValueError
-            return None
-        return by_lower.get(key.lower())
-
-    # ------------------------------------------------------------------ lookup
-    def lookup(self, spec: RegionSpec, source: str = REGION_HEADER) -> Adapter:
-        """The adapter a request asked for; ServingError 404 (listing what is available, naming ``source``: the
-        header or the ``model`` field) when there is none."""
-        self._fresh()
-        with self._lock:
-            region = self._canonical(spec.name)
-            if region is None or (spec.version is not None and spec.version not in self._infos[region]):
-                self._rescan_for_unknown()  # maybe trained since the last scan
-                region = self._canonical(spec.name)
-            if region is None:
-                raise self._not_found(f"unknown region {_show(spec.name)} in {source}", source)
-            if spec.version is not None:
-                if spec.version not in self._infos[region]:
-                    raise self._not_found(f"region {region} has no version {spec.version} (in {source})", source)
-                adapter = self._load(self._infos[region][spec.version])
-                if adapter is None:
-                    raise self._not_found(f"adapter {region}@{spec.version} is refused: it failed the integrity "
-                                          "or compatibility checks (the server log says why)", source)
-                return adapter
-            for version in sorted(self._infos[region], reverse=True):  # latest that passes the checks
-                adapter = self._load(self._infos[region][version])
-                if adapter is not None:
-                    return adapter
-            raise self._not_found(f"region {region} is refused: every version failed the integrity or "
-                                  "compatibility checks (the server log says why)", source)
-
-    def _not_found(self, message: str, source: str = REGION_HEADER) -> ServingError:
-        available = [r for r, vs in self.available().items() if vs]
-        return ServingError(404, f"{message}; available regions: {', '.join(available) or 'none'}",
-                            kind="not_found_error", param=source, available=available)
-
-    def _load(self, info: AdapterInfo) -> Adapter | None:
-        if info in self._loaded:
-            self._loaded.move_to_end(info)
-            return self._loaded[info]
-        if info in self._refused:
-            return None
-        try:
-            loaded = self.registry.load(info.region, info.version, hidden_size=self.runtime.hidden_size,
-                                        base_fingerprint=self.runtime.fingerprint)
-        except (RegistryError, OSError, ValueError) as e:  # corrupt, incompatible, vanished, unreadable
-            self._refused[info] = str(e)
-            log.warning("refusing adapter %s: %s", info.ref, e)
-            return None
-        adapter = Adapter(loaded.info, loaded.prompt.to(self.runtime.device, self.runtime.dtype))
-        self._loaded[info] = adapter
-        if len(self._loaded) > self.max_loaded:
-            self._loaded.popitem(last=False)
-        return adapter
-
-    def warm(self) -> None:
-        """Load (and so verify) the latest adapter of every region now, so refusals show in the startup log."""
-        for region in self.available():
-            try:
-                self.lookup(RegionSpec(region))
-            except ServingError as e:
-                log.warning("%s", e.message)
-
-
-# ---------------------------------------------------------------------------------------------------- decoding
-_END = object()
-
-
-class Job:
-    """One request in the decode worker: its tokens arrive on an asyncio queue owned by the caller's event loop."""
-
-    def __init__(self, request: GenerationRequest, stop_ids: set[int], loop: asyncio.AbstractEventLoop,
-                 label: str = ""):
-        self.request, self._stop_ids, self._loop, self.label = request, stop_ids, loop, label
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.produced = 0
-        self.finished = False
-        self.cancelled = False  # set by the caller when nobody waits for the tokens any more
-
-    # worker thread side
-    def _put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop has closed: nobody is listening
-            self.cancelled = True
-
-    def _push(self, token: int) -> None:
-        self.produced += 1
-        self._put(token)
-        if token in self._stop_ids or self.produced >= self.request.max_new_tokens:
-            self._finish()  # end this stream now, not when the batch's longest row ends
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        if not self.finished:
-            self.finished = True
-            if error is not None:
-                self._put(error)
-            self._put(_END)
-
-    # caller side
-    async def tokens(self) -> AsyncIterator[int]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
-class BatchWorker:
-    """The one thread that runs the model.
-
-    It takes the first waiting request, gathers whatever else arrives within ``window`` seconds (up to ``max_batch``
-    rows), and decodes them together with ``Runtime.generate_stream``: one forward per step for all rows, whatever
-    soft prompt each row carries. Requests that arrive meanwhile wait for the next batch (the runtime cannot add
-    rows to a running decode).
-    """
-
-    def __init__(self, runtime: Runtime, window: float = 0.005, max_batch: int = 16, threads: int = COMPUTE_THREADS):
-        self.runtime, self.window, self.max_batch, self.threads = runtime, window, max_batch, threads
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0  # decoded batches, and their total rows: for tests and the bench
-        self.rows = 0
-        self._thread = threading.Thread(target=self._run, name="culign-decode", daemon=True)
-        self._thread.start()
-
-    def submit(self, request: GenerationRequest, label: str = "") -> Job:
-        """Queue a request; call from inside the event loop that will read the job's tokens."""
-        job = Job(request, self.runtime.stop_ids, asyncio.get_running_loop(), label)
-        self._inbox.put(job)
-        return job
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
-
-    def _gather(self, first: Job) -> list[Job]:
-        batch = [first]
-        deadline = time.monotonic() + self.window
-        while len(batch) < self.max_batch:
-            try:
-                job = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if job is None:  # close() while gathering: finish this batch first
-                self._inbox.put(None)
-                break
-            batch.append(job)
-        return [j for j in batch if not j.cancelled]
-
-    def _run(self) -> None:
-        torch.set_num_threads(self.threads)  # per thread under OpenMP: see load_runtime
-        while (first := self._inbox.get()) is not None:
-            batch = self._gather(first)
-            if batch:
-                self._decode(batch)
-
-    def _decode(self, batch: list[Job]) -> None:
-        self.batches += 1
-        self.rows += len(batch)
-        t0, steps = time.perf_counter(), 0
-        try:
-            for step in self.runtime.generate_stream([j.request for j in batch]):
-                steps += 1
-                for job, token in zip(batch, step):
-                    if token is not None:
-                        job._push(token)
-        except Exception as e:  # keep serving: this batch fails, the next one may not
-            log.exception("decoding a batch of %d failed", len(batch))
-            for job in batch:
-                job._finish(ServingError(503, f"generation failed: {type(e).__name__}", kind="server_error"))
-        for job in batch:
-            job._finish()
-        log.info("decoded a batch of %d rows [%s]: %d steps, %d tokens in %.2f s", len(batch),
-                 ", ".join(j.label for j in batch), steps, sum(j.produced for j in batch),
-                 time.perf_counter() - t0)
+def _unavailable(e: AdapterNotFound | AdapterRefused) -> ServingError:
+    if isinstance(e, AdapterRefused):  # ours to fix, not the client's: 503, with the reason
+        return ServingError(503, str(e), kind="adapter_refused", param=e.source, available=e.available)
+    return ServingError(404, str(e), kind="not_found_error", param=e.source, available=e.available)
 
 
 # ---------------------------------------------------------------------------------------------------- requests
+Number = StrictFloat | StrictInt  # strict: `true` is not a number and "1" is not a token count
+
+
 class ContentPart(BaseModel):
-    type: str = "text"
-    text: str = ""
+    model_config = ConfigDict(extra="allow")  # image / audio parts carry their own fields: refused by type below
+    type: StrictStr = "text"
+    text: StrictStr = ""
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[ContentPart]
+    name: StrictStr | None = None  # accepted; the chat template has no place for it
 
 
 class ChatRequest(BaseModel):
-    """``POST /chat``. Unknown fields are ignored; values are checked by :meth:`ChatEngine.prepare`."""
+    """``POST /chat``. Unknown fields are refused (400 naming them), values are checked by ChatEngine.prepare."""
+    model_config = ConfigDict(extra="forbid")
     messages: list[Message]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool | None = None
+
+
+# OpenAI fields the service does not implement: named in the schema so that a client setting one gets a 400 that
+# says so, rather than a reply that silently ignored it
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+               "logit_bias", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort")
 
 
 class ChatCompletionRequest(ChatRequest):
-    """``POST /v1/chat/completions``: the OpenAI fields we honour (others, e.g. ``user``, are ignored)."""
-    model: str | None = None
-    stream: bool | None = False
-    stream_options: dict | None = None
-    max_completion_tokens: int | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
+    """``POST /v1/chat/completions``: the OpenAI fields culign honours, and those it refuses by name."""
+    model: StrictStr | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    max_completion_tokens: StrictInt | None = None
+    n: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    frequency_penalty: Number | None = None  # only 0 (the default) is implemented
+    presence_penalty: Number | None = None
+    user: StrictStr | None = None  # an end-user id: accepted, not used
+    store: StrictBool | None = None  # only false: nothing is stored
+    metadata: dict[str, StrictStr] | None = None  # accepted with store false, not used
+    service_tier: StrictStr | None = None  # accepted ("auto" / "default"), there is one tier
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
 
 
 @dataclass
 class Prepared:
-    """A validated request, ready for the decode worker."""
+    """A validated request, ready for the scheduler."""
     request: GenerationRequest
     adapter: Adapter | None
     prompt_tokens: int
+    stop: tuple[str, ...] = ()
 
     @property
     def region(self) -> str | None:
@@ -398,24 +165,45 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------------------------------------------- text
 class Detokenizer:
-    """Token ids -> text deltas, holding back bytes of a character that is not complete yet."""
+    """Token ids -> text deltas: holds back the bytes of a character not complete yet, and the tail that may be the
+    start of a stop string; a matched stop string ends the text before it (it is not returned)."""
 
-    def __init__(self, tokenizer, stop_ids: set[int]):
-        self.tokenizer, self.stop_ids = tokenizer, stop_ids
+    def __init__(self, tokenizer, stop_ids: set[int], stop: Sequence[str] = ()):
+        self.tokenizer, self.stop_ids, self.stop = tokenizer, stop_ids, tuple(s for s in stop if s)
         self.ids: list[int] = []
-        self.sent = ""
+        self.sent = ""  # text handed out so far
+        self.stopped = False  # a stop string matched
+        self._final: str | None = None
 
-    def text(self) -> str:
+    def _decoded(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
+    def text(self) -> str:
+        return self._final if self._final is not None else self._decoded()
+
     def push(self, token: int) -> str:
-        if token in self.stop_ids:
+        if token in self.stop_ids or self.stopped:
             return ""
         self.ids.append(token)
-        text = self.text()
+        text = self._decoded()
         if text.endswith("\ufffd") or not text.startswith(self.sent):
             return ""  # a multi-byte character in progress: wait for its next token
+        if self.stop:
+            cut = min((i for i in (text.find(s, max(0, len(self.sent) - len(s) + 1)) for s in self.stop) if i >= 0),
+                      default=-1)
+            if cut >= 0:  # across token boundaries: searched in the whole text from just before the new part
+                self.stopped, self._final = True, text[:cut]
+                delta, self.sent = text[len(self.sent):cut], text[:cut]
+                return delta
+            # hold back the longest tail that is a prefix of some stop string
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            safe = text[:len(text) - hold]
+            if len(safe) <= len(self.sent):
+                return ""
+            delta, self.sent = safe[len(self.sent):], safe
+            return delta
         delta, self.sent = text[len(self.sent):], text
         return delta
 
@@ -426,31 +214,81 @@ class Detokenizer:
         return delta
 
 
-# ---------------------------------------------------------------------------------------------------- engine
-class ChatEngine:
-    """Everything the HTTP handlers need: validation, region selection, batched generation, reply bodies."""
+class Result:
+    """The tokens one request got back, with their text, finish reason, usage and (when asked) logprobs."""
 
-    def __init__(self, runtime: Runtime, registry: Registry, *, max_tokens_cap: int | None = None,
-                 default_max_tokens: int = 128, rescan_every: float | None = None, batch_window: float | None = None,
-                 max_batch: int | None = None, worker: BatchWorker | None = None):
+    def __init__(self, prepared: Prepared, detok: Detokenizer, tokenizer):
+        self.prepared, self.detok, self.tokenizer = prepared, detok, tokenizer
+        self.tokens: list[Token] = []
+        self.error: ServingError | None = None
+
+    def add(self, token: Token) -> str:
+        self.tokens.append(token)
+        return self.detok.push(token.id)
+
+    @property
+    def text(self) -> str:
+        return self.detok.text()
+
+    @property
+    def finish_reason(self) -> str:
+        if self.detok.stopped or (self.tokens and self.tokens[-1].id in self.detok.stop_ids):
+            return "stop"
+        return "length"
+
+    def usage(self) -> dict:
+        p, c = self.prepared.prompt_tokens, len(self.tokens)
+        virtual = self.prepared.adapter.prompt.shape[0] if self.prepared.adapter else 0
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "virtual_tokens": virtual}
+
+    def _piece(self, token_id: int, logprob: float) -> dict:
+        text = self.tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def logprobs(self, tokens: Sequence[Token] | None = None) -> dict | None:
+        """OpenAI's ``{"content": [...]}`` for ``tokens`` (default all), stop tokens left out; None if not asked."""
+        if self.prepared.request.top_logprobs is None:
+            return None
+        out = []
+        for t in self.tokens if tokens is None else tokens:
+            if t.id in self.detok.stop_ids:
+                continue
+            out.append({**self._piece(t.id, t.logprob), "top_logprobs": [self._piece(i, lp) for i, lp in t.top]})
+        return {"content": out, "refusal": None}
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+class ChatEngine:
+    """Everything the HTTP handlers need: validation, region selection, generation, reply bodies."""
+
+    def __init__(self, runtime: Runtime, registry: Registry, settings: ServiceSettings | None = None, *,
+                 worker: Scheduler | StaticBatcher | None = None):
         self.runtime = runtime
-        self.max_tokens_cap = int(max_tokens_cap or _env_number("CULIGN_MAX_TOKENS", 512))
-        self.default_max_tokens = default_max_tokens
-        self.adapters = AdapterCache(registry, runtime, rescan_every if rescan_every is not None
-                                     else _env_number("CULIGN_RESCAN_SECONDS", 5.0))
-        self.worker = worker or BatchWorker(
-            runtime, batch_window if batch_window is not None else _env_number("CULIGN_BATCH_WINDOW_MS", 5) / 1000,
-            int(max_batch or _env_number("CULIGN_MAX_BATCH", 16)))
+        self.settings = s = settings or ServiceSettings(adapters=registry.root)
+        self.adapters = AdapterCache(registry, runtime, s.rescan_seconds)
+        if worker is None:
+            if s.scheduler == "continuous" and runtime.decodes_incrementally():
+                worker = Scheduler(runtime, s.max_rows, s.max_queue, grace=s.shutdown_grace_s)
+            else:
+                worker = StaticBatcher(runtime, s.max_rows, s.max_queue, grace=s.shutdown_grace_s,
+                                       window=s.batch_window_ms / 1000)
+        self.worker = worker
+        log.info("decoding with %s (%d rows, %d waiting at most) in %s", type(worker).__name__, worker.max_rows,
+                 worker.max_queue, str(runtime.dtype).replace("torch.", ""))
         self.created = int(time.time())
         base = runtime.name
         self.base_names = {base, base.split(":", 1)[-1], base.rstrip("/").rsplit("/", 1)[-1]}
 
     # ------------------------------------------------------------------ endpoints
-    async def chat(self, body: ChatRequest, region_header: Sequence[str]) -> Reply:
+    async def chat(self, body: ChatRequest, region_header: Sequence[str],
+                   disconnected: Disconnected | None = None) -> Reply:
         """``POST /chat`` -> ``{region, adapter_version, message, usage, finish_reason}``."""
         try:
-            prepared = self.prepare(body, region_header)
-            result = await self.generate(prepared)
+            prepared = await self.prepare(body, region_header)
+            result = await self.generate(prepared, disconnected)
         except ServingError as e:
             return self.error(e)
         return Reply(body={"region": prepared.region, "adapter_version": prepared.version,
@@ -458,23 +296,27 @@ class ChatEngine:
                            "finish_reason": result.finish_reason, "usage": result.usage()},
                      headers={VERSION_HEADER: prepared.served_by})
 
-    async def chat_completions(self, body: ChatCompletionRequest, region_header: Sequence[str]) -> Reply:
+    async def chat_completions(self, body: ChatCompletionRequest, region_header: Sequence[str],
+                               disconnected: Disconnected | None = None) -> Reply:
         """``POST /v1/chat/completions``, OpenAI-compatible; ``stream: true`` gives SSE chunks and ``[DONE]``."""
         try:
-            prepared = self.prepare(body, region_header, model=body.model)
+            prepared = await self.prepare(body, region_header, model=body.model)
             if body.stream:
-                include_usage = bool((body.stream_options or {}).get("include_usage"))
-                return Reply(stream=self._sse(prepared, include_usage), headers={VERSION_HEADER: prepared.served_by})
-            result = await self.generate(prepared)
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                job = self._submit(prepared)  # a full queue is a 429 now, not an error inside a 200 stream
+                return Reply(stream=self._sse(prepared, job, include_usage, disconnected),
+                             headers={VERSION_HEADER: prepared.served_by})
+            result = await self.generate(prepared, disconnected)
         except ServingError as e:
             return self.error(e)
         return Reply(body=self._completion(prepared, result), headers={VERSION_HEADER: prepared.served_by})
 
-    def models(self) -> Reply:
+    async def models(self) -> Reply:
         """``GET /v1/models``: the base model, then every region in the registry with its servable versions."""
         base = self.runtime.name
+        available = await asyncio.to_thread(self.adapters.available)  # may rescan the registry: off the loop
         data = [{"id": base, "object": "model", "created": self.created, "owned_by": "culign", "region": None}]
-        for region, versions in self.adapters.available().items():
+        for region, versions in available.items():
             if versions:
                 data.append({"id": region, "object": "model", "created": self.created, "owned_by": "culign",
                              "root": base, "parent": base, "region": region, "latest_version": versions[-1],
@@ -483,21 +325,27 @@ class ChatEngine:
 
     @staticmethod
     def error(e: ServingError) -> Reply:
-        return Reply(status=e.status, body=e.body())
+        return Reply(status=e.status, body=e.body(), headers=e.headers)
 
     def close(self) -> None:
         self.worker.close()
 
     # ------------------------------------------------------------------ validation
-    def select(self, region_header: Sequence[str], model: str | None = None) -> Adapter | None:
-        """The adapter a request names by header and/or OpenAI ``model``; None = the base model."""
+    def _select(self, region_header: Sequence[str], model: str | None = None) -> Adapter | None:
+        """The adapter a request names by header and/or OpenAI ``model``; None = the base model. Blocking."""
         values = [v for v in region_header if v.strip()]
         if len(values) > 1:
             raise ServingError(400, f"give one {REGION_HEADER} header, not {len(values)}", param=REGION_HEADER)
-        from_header = self.adapters.lookup(parse_region(values[0].strip())) if values else None
-        from_model = self._model_region(model)
+        try:
+            from_header = self.adapters.lookup(parse_region(values[0].strip(), REGION_HEADER), REGION_HEADER) \
+                if values else None
+            from_model = self._model_region(model)
+        except BadRegionSpec as e:
+            raise ServingError(400, str(e), param=e.source) from None
+        except (AdapterNotFound, AdapterRefused) as e:
+            raise _unavailable(e) from None
         if from_header and from_model and from_header.ref != from_model.ref:
-            raise ServingError(400, f"{REGION_HEADER} selects {from_header.ref} but model {_show(model)} selects "
+            raise ServingError(400, f"{REGION_HEADER} selects {from_header.ref} but model {show(model)} selects "
                                     f"{from_model.ref}; give one, or make them agree", param="model")
         return from_header or from_model
 
@@ -509,30 +357,69 @@ class ChatEngine:
             if model.startswith(base + ":"):
                 model = model[len(base) + 1:]
                 break
-        return self.adapters.lookup(parse_region(model, source="model"), source="model")
+        return self.adapters.lookup(parse_region(model, "model"), "model")
 
-    def prepare(self, body: ChatRequest, region_header: Sequence[str] = (), model: str | None = None) -> Prepared:
-        """Check a request's values and select its adapter; ServingError (400/404/413) when they do not hold."""
+    @staticmethod
+    def check_values(body: ChatRequest) -> None:
+        """Every value against the range the OpenAI API defines, and every field culign does not implement, as a
+        400 naming the parameter."""
         if not body.messages:
             raise ServingError(400, "messages is empty: give at least one message", param="messages")
+        for i, m in enumerate(body.messages):
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.type != "text":
+                        raise ServingError(400, f"content parts of type {show(part.type)} are not supported "
+                                                "(text only)", param=f"messages[{i}].content[{j}].type")
+        if body.temperature is not None and not 0.0 <= body.temperature <= 2.0:
+            raise ServingError(400, f"temperature must be in [0, 2], got {body.temperature}", param="temperature")
+        if body.top_p is not None and not 0.0 <= body.top_p <= 1.0:
+            raise ServingError(400, f"top_p must be in [0, 1], got {body.top_p}", param="top_p")
+        if body.seed is not None and not -2**63 <= body.seed < 2**64:  # torch.Generator.manual_seed's range
+            raise ServingError(400, f"seed must be an integer in [-2^63, 2^64 - 1], got {body.seed}", param="seed")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOP:
+            raise ServingError(400, f"stop takes at most {MAX_STOP} sequences, got {len(stops)}", param="stop")
+        if any(not s or len(s) > 256 for s in stops):
+            raise ServingError(400, "each stop sequence must be 1 to 256 characters", param="stop")
+        if not isinstance(body, ChatCompletionRequest):
+            return
+        for name in UNSUPPORTED:
+            if getattr(body, name) is not None:
+                raise ServingError(400, f"{name} is not supported by this server", param=name)
+        if body.n is not None and body.n != 1:
+            raise ServingError(400, f"only n=1 is supported, got {body.n}", param="n")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(body, name)
+            if value is not None and not -2.0 <= value <= 2.0:
+                raise ServingError(400, f"{name} must be in [-2, 2], got {value}", param=name)
+            if value:
+                raise ServingError(400, f"{name} is not supported by this server (only 0)", param=name)
+        if body.store:
+            raise ServingError(400, "store is not supported: nothing is stored", param="store")
+        if body.top_logprobs is not None:
+            if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise ServingError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {body.top_logprobs}",
+                                   param="top_logprobs")
+            if not body.logprobs:
+                raise ServingError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.stream_options is not None and not body.stream:
+            raise ServingError(400, "stream_options needs stream: true", param="stream_options")
+        if body.max_tokens is not None and body.max_completion_tokens is not None \
+                and body.max_tokens != body.max_completion_tokens:
+            raise ServingError(400, "max_tokens and max_completion_tokens disagree: give one", param="max_tokens")
+
+    async def prepare(self, body: ChatRequest, region_header: Sequence[str] = (), model: str | None = None) -> Prepared:
+        """Check a request and select its adapter; ServingError (400/404/413/503) when it does not hold."""
+        self.check_values(body)
         extra = body if isinstance(body, ChatCompletionRequest) else None
-        if extra and extra.n not in (None, 1):
-            raise ServingError(400, "only n=1 is supported", param="n")
-        if extra and extra.stop:
-            raise ServingError(400, "stop sequences are not supported", param="stop")
-        temperature = 0.0 if body.temperature is None else body.temperature
-        top_p = 1.0 if body.top_p is None else body.top_p
-        if not 0.0 <= temperature <= 2.0:
-            raise ServingError(400, f"temperature must be in [0, 2], got {temperature}", param="temperature")
-        if not 0.0 < top_p <= 1.0:
-            raise ServingError(400, f"top_p must be in (0, 1], got {top_p}", param="top_p")
-        if body.seed is not None and not 0 <= body.seed < 2**63:  # torch.Generator.manual_seed's range
-            raise ServingError(400, f"seed must be an integer in [0, 2^63 - 1], got {body.seed}", param="seed")
         asked = body.max_tokens if body.max_tokens is not None else (extra.max_completion_tokens if extra else None)
-        if asked is not None and not 1 <= asked <= self.max_tokens_cap:
-            raise ServingError(400, f"max_tokens must be between 1 and {self.max_tokens_cap}, got {asked}",
-                               param="max_tokens")
-        adapter = self.select(region_header, model)
+        param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+        cap = self.settings.max_tokens
+        if asked is not None and not 1 <= asked <= cap:
+            raise ServingError(400, f"{param} must be between 1 and {cap}, got {asked}", param=param)
+        # the registry may be rescanned and an adapter's sha256 checked: never on the event loop
+        adapter = await asyncio.to_thread(self._select, region_header, model)
         ids = self._prompt_ids(body.messages)
         virtual = adapter.prompt.shape[0] if adapter else 0
         room = self.runtime.max_context - virtual - len(ids)
@@ -540,15 +427,21 @@ class ChatEngine:
             raise ServingError(413, f"prompt is {len(ids)} tokens (+{virtual} virtual); the model's context is "
                                     f"{self.runtime.max_context}", param="messages")
         if asked is not None and asked > room:
-            raise ServingError(400, f"max_tokens {asked} does not fit: prompt {len(ids)} + {virtual} virtual tokens "
-                                    f"leave {room} of the context ({self.runtime.max_context})", param="max_tokens")
-        max_new = asked if asked is not None else min(self.default_max_tokens, self.max_tokens_cap, room)
-        request = GenerationRequest(ids, adapter.prompt if adapter else None, max_new, temperature, top_p, body.seed)
-        return Prepared(request, adapter, len(ids))
+            raise ServingError(400, f"{param} {asked} does not fit: prompt {len(ids)} + {virtual} virtual tokens "
+                                    f"leave {room} of the context ({self.runtime.max_context})", param=param)
+        max_new = asked if asked is not None else min(self.settings.default_max_tokens, cap, room)
+        temperature = 0.0 if body.temperature is None else float(body.temperature)
+        top_p = 1.0 if body.top_p is None else float(body.top_p)
+        top_logprobs = (extra.top_logprobs or 0) if extra and extra.logprobs else None
+        request = GenerationRequest(ids, adapter.prompt if adapter else None, max_new, temperature, top_p, body.seed,
+                                    top_logprobs)
+        stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        return Prepared(request, adapter, len(ids), stops)
 
     def _prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        turns = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                  else "".join(p.text for p in m.content if p.type == "text")} for m in messages]
+        turns = [{"role": "system" if m.role == "developer" else m.role,
+                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                 for m in messages]
         chars = sum(len(t["content"]) for t in turns)
         if chars > 16 * self.runtime.max_context:  # hopeless: refuse before spending time tokenizing it
             raise ServingError(413, f"prompt is {chars} characters; the model's context is "
@@ -556,85 +449,107 @@ class ChatEngine:
         return self.runtime.chat_ids(turns)
 
     # ------------------------------------------------------------------ generation
-    def new_result(self, prepared: Prepared) -> "Result":
-        return Result(prepared, Detokenizer(self.runtime.tokenizer, self.runtime.stop_ids))
-
-    async def deltas(self, prepared: Prepared, result: "Result") -> AsyncIterator[str]:
-        """Queue the request with the decode worker; yield text deltas as its tokens arrive (into ``result``)."""
-        job = self.worker.submit(prepared.request, prepared.served_by)
+    def _submit(self, prepared: Prepared):
         try:
-            async for token in job.tokens():
-                delta = result.add(token)
-                if delta:
-                    yield delta
+            return self.worker.submit(prepared.request, prepared.served_by, prepared.region)
+        except QueueFull as e:
+            raise ServingError(429, f"the server is busy ({e.queued} requests waiting); retry after "
+                                    f"{e.retry_after} s", kind="rate_limit_error",
+                               headers={"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDown as e:
+            raise ServingError(503, str(e), kind="server_error") from None
+
+    def new_result(self, prepared: Prepared) -> Result:
+        tok = self.runtime.tokenizer
+        return Result(prepared, Detokenizer(tok, self.runtime.stop_ids, prepared.stop), tok)
+
+    async def deltas(self, prepared: Prepared, result: Result, job=None) -> AsyncIterator[str]:
+        """Text deltas as the request's tokens arrive (into ``result``). When the caller stops listening (client
+        gone) or a stop string matches, the row is cancelled and leaves the batch at the next step."""
+        job = job or self._submit(prepared)
+        try:
+            try:
+                async for token in job.tokens():
+                    delta = result.add(token)
+                    if delta:
+                        yield delta
+                    if result.detok.stopped:
+                        break
+            except (RowFailed, ShuttingDown) as e:
+                raise ServingError(503, str(e), kind="server_error") from None
             tail = result.detok.flush()
             if tail:
                 yield tail
         finally:
-            job.cancelled = True  # a client that hung up stops costing detokenizing; its row ends with its batch
+            job.cancelled = True  # no-op for a finished row
 
-    async def generate(self, prepared: Prepared) -> "Result":
+    async def generate(self, prepared: Prepared, disconnected: Disconnected | None = None) -> Result:
+        """The whole answer. With ``disconnected`` (polled every 0.25 s) a client that hung up cancels the row."""
         result = self.new_result(prepared)
-        async for _ in self.deltas(prepared, result):
-            pass
-        return result
+        job = self._submit(prepared)
+
+        async def consume() -> Result:
+            async for _ in self.deltas(prepared, result, job):
+                pass
+            return result
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while disconnected is not None and not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await disconnected():
+                    job.cancelled = True
+                    task.cancel()
+                    raise ServingError(499, "client closed the request", kind="client_closed")
+            return await task
+        finally:
+            if not task.done():
+                task.cancel()
 
     # ------------------------------------------------------------------ OpenAI shapes
     def _model_label(self, prepared: Prepared) -> str:
         return prepared.adapter.ref if prepared.adapter else self.runtime.name
 
-    def _completion(self, prepared: Prepared, result: "Result") -> dict:
+    def _completion(self, prepared: Prepared, result: Result) -> dict:
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self._model_label(prepared), "region": prepared.region,
-                "adapter_version": prepared.version,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason, "logprobs": None}],
+                "adapter_version": prepared.version, "system_fingerprint": self.runtime.fingerprint,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                             "finish_reason": result.finish_reason, "logprobs": result.logprobs()}],
                 "usage": result.usage()}
 
-    async def _sse(self, prepared: Prepared, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, prepared: Prepared, job, include_usage: bool,
+                   disconnected: Disconnected | None = None) -> AsyncIterator[str]:
+        """The SSE lines of a streamed answer. The server may not tell a generator that its client hung up (sends
+        to a closed connection can be dropped silently), so ``disconnected`` is polled every 0.25 s of tokens."""
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self._model_label(prepared), "region": prepared.region,
-                "adapter_version": prepared.version}
+                "adapter_version": prepared.version, "system_fingerprint": self.runtime.fingerprint}
 
-        def chunk(delta: dict, finish: str | None = None, **more: Any) -> str:
-            choices = [] if more.get("usage") else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None, **more: Any) -> str:
+            choices = [] if more.get("usage") else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                      "logprobs": logprobs}]
             return f"data: {json.dumps({**head, 'choices': choices, **more})}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
         result = self.new_result(prepared)
+        sent_tokens, checked = 0, time.monotonic()
         try:
-            async for delta in self.deltas(prepared, result):
-                yield chunk({"content": delta})
+            yield chunk({"role": "assistant", "content": ""})
+            async for delta in self.deltas(prepared, result, job):
+                logprobs = result.logprobs(result.tokens[sent_tokens:])
+                sent_tokens = len(result.tokens)
+                yield chunk({"content": delta}, logprobs=logprobs)
+                if disconnected is not None and time.monotonic() - checked >= 0.25:
+                    checked = time.monotonic()
+                    if await disconnected():
+                        return  # finally: the row leaves at the next step
         except ServingError as e:  # the 200 status is sent already: say it in the stream, as OpenAI does
             yield f"data: {json.dumps(e.body())}\n\n"
             yield "data: [DONE]\n\n"
             return
-        yield chunk({}, result.finish_reason)
+        finally:
+            job.cancelled = True  # the client went away mid-stream: the row leaves at the next step
+        yield chunk({}, result.finish_reason, result.logprobs(result.tokens[sent_tokens:]))
         if include_usage:
             yield chunk({}, usage=result.usage())
         yield "data: [DONE]\n\n"
-
-
-class Result:
-    """The tokens one request got back, with their text, finish reason and usage."""
-
-    def __init__(self, prepared: Prepared, detok: Detokenizer):
-        self.prepared, self.detok = prepared, detok
-        self.token_ids: list[int] = []
-
-    def add(self, token: int) -> str:
-        self.token_ids.append(token)
-        return self.detok.push(token)
-
-    @property
-    def text(self) -> str:
-        return self.detok.text()
-
-    @property
-    def finish_reason(self) -> str:
-        return "stop" if self.token_ids and self.token_ids[-1] in self.detok.stop_ids else "length"
-
-    def usage(self) -> dict:
-        p, c = self.prepared.prompt_tokens, len(self.token_ids)
-        virtual = self.prepared.adapter.prompt.shape[0] if self.prepared.adapter else 0
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "virtual_tokens": virtual}

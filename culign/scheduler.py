@@ -1,0 +1,417 @@
+"""The decode scheduler: the one thread that runs the model for the service.
+
+Iteration-level (continuous) batching, as in Orca, vLLM and TGI. Between two decode steps, waiting requests are
+prefilled, each alone, and join the running batch. A row that has finished, was cancelled (its client went away,
+or a stop string matched) or failed leaves at once, and its cache is freed. Every row keeps its own soft prompt,
+sampling settings and random stream, so a request gets the same greedy tokens whoever it shares the batch with
+(tested; what holds in bf16 is measured in bench/serve.py).
+
+Bounded: at most ``max_rows`` rows in flight and ``max_queue`` waiting. Past that ``submit`` raises
+:class:`QueueFull` at once; it never blocks. A row whose sampling fails fails alone. A failing forward pass fails
+the rows in it, not the thread. ``close`` stops admitting, gives running rows ``grace`` seconds, then ends them
+with :class:`ShuttingDown`.
+
+Knows nothing of HTTP: the chat engine maps these exceptions to statuses. :class:`StaticBatcher` is the previous
+design (gather for a few ms, decode that batch to its end), kept as the baseline bench/serve.py measures against.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import torch
+
+from .runtime import DecodeBatch, GenerationRequest, Runtime
+
+log = logging.getLogger("culign.scheduler")
+COMPUTE_THREADS = torch.get_num_threads()  # torch's own choice, taken before the service narrows its loading thread
+
+
+class QueueFull(Exception):
+    """Too many requests waiting: try again after ``retry_after`` seconds."""
+
+    def __init__(self, queued: int, retry_after: int):
+        super().__init__(f"{queued} requests are waiting already")
+        self.queued, self.retry_after = queued, retry_after
+
+
+class ShuttingDown(Exception):
+    """The scheduler is closing: the request was not (or no longer) decoded."""
+
+
+class RowFailed(Exception):
+    """This request failed inside the worker; no other request saw the error."""
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float | None = None  # when the request asked for logprobs
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely tokens, best first
+
+
+_END = object()
+
+
+class Job:
+    """One request: the worker pushes its tokens onto an asyncio queue owned by the caller's event loop."""
+
+    def __init__(self, request: GenerationRequest, stop_ids: set[int], loop: asyncio.AbstractEventLoop,
+                 label: str = "", region: str | None = None):
+        self.request, self._stop_ids, self._loop = request, stop_ids, loop
+        self.label, self.region = label, region
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.produced = 0
+        self.finished = False
+        self.cancelled = False  # set by the caller (client gone, stop string matched): the row leaves next step
+        self.submitted_at = time.monotonic()
+
+    # worker side
+    def _put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop has closed: nobody is listening
+            self.cancelled = True
+
+    def _push(self, token: Token) -> None:
+        self.produced += 1
+        self._put(token)
+        if token.id in self._stop_ids or self.produced >= self.request.max_new_tokens:
+            self._finish()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self.finished:
+            self.finished = True
+            if error is not None:
+                self._put(error)
+            self._put(_END)
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.cancelled
+
+    # caller side
+    async def tokens(self) -> AsyncIterator[Token]:
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def next_token(runtime: Runtime, logits: torch.Tensor, request: GenerationRequest,
+               gen: torch.Generator | None) -> Token:
+    """A row's next token from its logits [vocab], with its logprobs when the request asked for them."""
+    tok = runtime.pick(logits, request, gen)
+    if request.top_logprobs is None:
+        return Token(tok)
+    logp = logits.float().log_softmax(-1)
+    top = ()
+    if request.top_logprobs > 0:
+        values, ids = logp.topk(request.top_logprobs)
+        top = tuple((int(i), float(v)) for i, v in zip(ids, values))
+    return Token(tok, float(logp[tok]), top)
+
+
+@dataclass
+class Stats:
+    """What /metrics and the bench read; written by the worker thread only."""
+    steps: int = 0  # decode steps run
+    step_rows: int = 0  # rows over all steps (step_rows / steps = mean rows per step)
+    tokens: int = 0
+    prefills: int = 0
+    rejected: int = 0  # QueueFull
+    failed_rows: int = 0
+    cancelled_rows: int = 0
+    rows_in_flight: int = 0
+    requests_by_region: Counter | None = None
+
+    def __post_init__(self):
+        self.requests_by_region = Counter()
+        self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step: for tokens/s
+
+    def tokens_per_s(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        if len(recent) < 2:
+            return 0.0
+        return sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0])
+
+
+@dataclass
+class _Row:
+    job: Job
+    gen: torch.Generator | None
+    last: int  # the token fed at the next step
+
+
+class _WorkerBase:
+    """The thread, the bounded inbox and the stats shared by both schedulers."""
+
+    def __init__(self, runtime: Runtime, max_rows: int, max_queue: int, threads: int, grace: float, name: str):
+        if max_rows < 1 or max_queue < 0:
+            raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
+        self.runtime, self.max_rows, self.max_queue = runtime, max_rows, max_queue
+        self.threads, self.grace = threads, grace
+        self.stats = Stats()
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closing_at: float | None = None
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._inbox.qsize()
+
+    def submit(self, request: GenerationRequest, label: str = "", region: str | None = None) -> Job:
+        """Queue a request; call from inside the event loop that will read the job's tokens. Never blocks."""
+        if self._closing_at is not None:
+            raise ShuttingDown("the server is shutting down")
+        with self._lock:
+            if self._inbox.qsize() >= self.max_queue + max(0, self.max_rows - self.stats.rows_in_flight):
+                self.stats.rejected += 1
+                raise QueueFull(self._inbox.qsize(), self._retry_after())
+            job = Job(request, self.runtime.stop_ids, asyncio.get_running_loop(), label, region)
+            self._inbox.put(job)
+        self._wake.set()
+        return job
+
+    def _retry_after(self) -> int:
+        # the queue drains at about (rows per step) / (seconds per row's answer); a rough, honest hint
+        rate = self.stats.tokens_per_s()
+        if rate <= 0:
+            return 1
+        per_request = 64  # tokens: a typical chat answer
+        return max(1, min(60, math.ceil(self._inbox.qsize() * per_request / rate)))
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._closing_at is None
+
+    def close(self) -> None:
+        """Stop admitting; rows still running get ``grace`` seconds, then end with ShuttingDown."""
+        if self._closing_at is None:
+            self._closing_at = time.monotonic()
+        self._wake.set()
+        self._thread.join(timeout=self.grace + 5)
+
+    def _closing(self) -> bool:
+        return self._closing_at is not None
+
+    def _past_grace(self) -> bool:
+        return self._closing_at is not None and time.monotonic() - self._closing_at >= self.grace
+
+    def _drain_inbox(self, error: BaseException) -> None:
+        while True:
+            try:
+                self._inbox.get_nowait()._finish(error)
+            except queue.Empty:
+                return
+
+    def _take(self, block: bool) -> Job | None:
+        """The next waiting job that nobody cancelled; waits for one when ``block`` (waking to check closing)."""
+        while True:
+            try:
+                job = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                if block and not self._closing():
+                    continue
+                return None
+            if job.cancelled:
+                job._finish()
+                self.stats.cancelled_rows += 1
+                continue
+            return job
+
+    def _main(self) -> None:
+        torch.set_num_threads(self.threads)  # per thread under OpenMP: see serving.load_runtime
+        try:
+            self._run()
+        except Exception:  # never expected; logged so that a dead worker is not silent (readiness turns false)
+            log.exception("the decode worker stopped")
+            raise
+        finally:
+            self._drain_inbox(ShuttingDown("the server is shutting down"))
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _count(self, job: Job) -> None:
+        self.stats.requests_by_region[job.region or "base"] += 1
+
+
+class Scheduler(_WorkerBase):
+    """Continuous batching: rows join at the next step and leave at once (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime, max_rows: int = 16, max_queue: int = 64, threads: int = COMPUTE_THREADS,
+                 grace: float = 2.0):
+        if not runtime.decodes_incrementally():
+            raise ValueError(f"{runtime.name} has sliding-window cache layers: use StaticBatcher")
+        super().__init__(runtime, max_rows, max_queue, threads, grace, "culign-scheduler")
+
+    def _run(self) -> None:
+        rt = self.runtime
+        rows: list[_Row] = []
+        batch: DecodeBatch | None = None
+        while True:
+            if self._closing():
+                self._drain_inbox(ShuttingDown("the server is shutting down"))
+                if not rows:
+                    return
+                if self._past_grace():
+                    for row in rows:
+                        row.job._finish(ShuttingDown("the server shut down before this answer was complete"))
+                    log.info("shutdown: ended %d unfinished rows", len(rows))
+                    return
+            # admit: prefill waiting requests (each alone) until the batch is full
+            while len(rows) < self.max_rows and not self._closing():
+                job = self._take(block=not rows)
+                if job is None:
+                    break
+                self._count(job)
+                one = self._prefill(job)
+                if one is None:
+                    continue
+                row, single = one
+                if batch is None:
+                    batch = single
+                else:
+                    batch.merge(single)
+                rows.append(row)
+                log.debug("row %s joined: %d in flight [%s], %d waiting", job.label, len(rows),
+                          ", ".join(r.job.label for r in rows), self.queued)
+            self.stats.rows_in_flight = len(rows)
+            if not rows:
+                batch = None
+                if self._closing():
+                    return
+                continue
+            # one decode step for every row
+            try:
+                rt.decode_step(batch, [r.last for r in rows])
+            except Exception as e:
+                log.exception("a decode step of %d rows failed", len(rows))
+                for row in rows:
+                    row.job._finish(RowFailed(f"generation failed: {type(e).__name__}"))
+                    self.stats.failed_rows += 1
+                rows, batch = [], None
+                continue
+            self.stats.steps += 1
+            self.stats.step_rows += len(rows)
+            produced = 0
+            for i, row in enumerate(rows):
+                if row.job.done:
+                    continue
+                if self._emit(row, batch.logits[i]):
+                    produced += 1
+            self.stats.tokens += produced
+            self.stats._recent.append((time.monotonic(), produced))
+            keep = [i for i, r in enumerate(rows) if not r.job.done]
+            if len(keep) < len(rows):
+                for r in rows:
+                    if r.job.done:
+                        if r.job.cancelled and not r.job.finished:
+                            self.stats.cancelled_rows += 1
+                            r.job._finish()
+                        log.debug("row %s left after %d tokens", r.job.label, r.job.produced)
+                rows = [rows[i] for i in keep]
+                if rows:
+                    batch.keep(keep)
+                else:
+                    batch = None
+                self.stats.rows_in_flight = len(rows)
+
+    def _prefill(self, job: Job) -> tuple[_Row, DecodeBatch] | None:
+        """The job's prompt through the model alone and its first token; None when it failed or is done already."""
+        rt = self.runtime
+        try:
+            single = rt.prefill(job.request)
+            row = _Row(job, rt.sampler(job.request), -1)
+        except Exception as e:  # this request alone: its neighbours never see it
+            log.exception("prefill of %s failed", job.label)
+            job._finish(RowFailed(f"generation failed: {type(e).__name__}"))
+            self.stats.failed_rows += 1
+            return None
+        self.stats.prefills += 1
+        if job.request.max_new_tokens <= 0:
+            job._finish()
+            return None
+        if not self._emit(row, single.logits[0]):
+            return None
+        self.stats.tokens += 1
+        if job.cancelled and not job.finished:  # its client left while it was being prefilled
+            self.stats.cancelled_rows += 1
+            job._finish()
+            log.debug("row %s cancelled before joining", job.label)
+        return (row, single) if not job.done else None
+
+    def _emit(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Pick and push the row's next token; a failure fails this row only."""
+        try:
+            token = next_token(self.runtime, logits, row.job.request, row.gen)
+        except Exception as e:
+            log.exception("sampling for %s failed", row.job.label)
+            row.job._finish(RowFailed(f"sampling failed: {type(e).__name__}"))
+            self.stats.failed_rows += 1
+            return False
+        row.last = token.id
+        row.job._push(token)
+        return True
+
+
+class StaticBatcher(_WorkerBase):
+    """The baseline: take the first waiting request, gather what else arrives within ``window`` seconds, decode
+    that batch to its end with ``Runtime.generate_stream``; requests arriving meanwhile wait for the next batch."""
+
+    def __init__(self, runtime: Runtime, max_rows: int = 16, max_queue: int = 64, threads: int = COMPUTE_THREADS,
+                 grace: float = 2.0, window: float = 0.005):
+        self.window = window
+        super().__init__(runtime, max_rows, max_queue, threads, grace, "culign-static-batcher")
+
+    def _run(self) -> None:
+        while not self._closing():
+            first = self._take(block=True)
+            if first is None:
+                continue
+            batch, deadline = [first], time.monotonic() + self.window
+            while len(batch) < self.max_rows and (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, 0.001))
+                job = self._take(block=False)
+                if job is not None:
+                    batch.append(job)
+            for job in batch:
+                self._count(job)
+            self._decode(batch)
+
+    def _decode(self, batch: list[Job]) -> None:
+        self.stats.rows_in_flight = len(batch)
+        try:
+            for step in self.runtime.generate_stream([j.request for j in batch]):
+                live = [t for t in step if t is not None]
+                self.stats.steps += 1
+                self.stats.step_rows += len(live)
+                self.stats.tokens += len(live)
+                self.stats._recent.append((time.monotonic(), len(live)))
+                for job, token in zip(batch, step):
+                    if token is not None and not job.done:
+                        job._push(Token(token))
+                if self._past_grace():
+                    raise ShuttingDown("the server shut down before this answer was complete")
+        except Exception as e:  # the static design cannot isolate rows: the whole batch fails
+            log.exception("decoding a batch of %d failed", len(batch))
+            err = e if isinstance(e, ShuttingDown) else RowFailed(f"generation failed: {type(e).__name__}")
+            for job in batch:
+                job._finish(err)
+        for job in batch:
+            job._finish()
+        self.stats.rows_in_flight = 0

@@ -1,0 +1,91 @@
+"""The service's settings: read from the environment once, checked, frozen, and passed down.
+
+Every knob of ``service.py`` is here with its default; a bad value stops startup with an error naming the
+variable (a typo should not turn into a silent default). docs/deploy.md lists them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_SCHEDULERS = ("continuous", "static")
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    adapters: Path  # CULIGN_ADAPTERS: the registry (default: adapters/ beside service.py)
+    model: str | None = None  # CULIGN_MODEL: HF id or local folder (default: the embedded SmolLM2)
+    device: str | None = None  # CULIGN_DEVICE (default: cuda if available, else cpu)
+    dtype: str | None = None  # CULIGN_DTYPE: auto, bf16, fp16, fp32 (auto: bf16 where the hardware is fast at it)
+    max_tokens: int = 512  # CULIGN_MAX_TOKENS: the largest max_tokens a request may ask for
+    default_max_tokens: int = 128  # CULIGN_DEFAULT_MAX_TOKENS: when a request gives none
+    rescan_seconds: float = 5.0  # CULIGN_RESCAN_SECONDS: how often the registry is listed again
+    scheduler: str = "continuous"  # CULIGN_SCHEDULER: continuous (rows join every step) or static (the old design)
+    max_rows: int = 16  # CULIGN_MAX_ROWS (old name CULIGN_MAX_BATCH): rows decoded together
+    max_queue: int = 64  # CULIGN_MAX_QUEUE: requests waiting for a row; past it, 429 with Retry-After
+    batch_window_ms: float = 5.0  # CULIGN_BATCH_WINDOW_MS: the static scheduler's gathering window
+    shutdown_grace_s: float = 2.0  # CULIGN_SHUTDOWN_GRACE_S: what running rows get to finish on SIGTERM
+    max_body_bytes: int = 1 << 20  # CULIGN_MAX_BODY_BYTES: larger request bodies get 413
+    max_header_bytes: int = 8192  # CULIGN_MAX_HEADER_BYTES: a larger header value gets 431
+    log_level: str = "INFO"  # CULIGN_LOG_LEVEL
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, default_adapters: Path | None = None) -> "ServiceSettings":
+        env = os.environ if env is None else env
+
+        def get(name: str, *old: str) -> str | None:
+            for key in (name, *old):
+                value = env.get(key)
+                if value not in (None, ""):
+                    return value.strip()
+            return None
+
+        def number(name: str, kind: type, default, low, *old: str):
+            raw = get(name, *old)
+            if raw is None:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r} is not a{'n integer' if kind is int else ' number'}") from None
+            if value < low:
+                raise SettingsError(f"{name}={raw!r} must be >= {low}")
+            return value
+
+        d = {f.name: f.default for f in fields(cls) if f.name != "adapters"}
+        level = (get("CULIGN_LOG_LEVEL") or d["log_level"]).upper()
+        if level not in _LOG_LEVELS:
+            raise SettingsError(f"CULIGN_LOG_LEVEL={level!r}: choose from {', '.join(_LOG_LEVELS)}")
+        scheduler = (get("CULIGN_SCHEDULER") or d["scheduler"]).lower()
+        if scheduler not in _SCHEDULERS:
+            raise SettingsError(f"CULIGN_SCHEDULER={scheduler!r}: choose from {', '.join(_SCHEDULERS)}")
+        adapters = get("CULIGN_ADAPTERS")
+        if adapters is None and default_adapters is None:
+            raise SettingsError("CULIGN_ADAPTERS is not set and no default registry was given")
+        s = cls(adapters=Path(adapters) if adapters else Path(default_adapters),
+                model=get("CULIGN_MODEL"), device=get("CULIGN_DEVICE"), dtype=get("CULIGN_DTYPE"),
+                max_tokens=number("CULIGN_MAX_TOKENS", int, d["max_tokens"], 1),
+                default_max_tokens=number("CULIGN_DEFAULT_MAX_TOKENS", int, d["default_max_tokens"], 1),
+                rescan_seconds=number("CULIGN_RESCAN_SECONDS", float, d["rescan_seconds"], 0.0),
+                scheduler=scheduler,
+                max_rows=number("CULIGN_MAX_ROWS", int, d["max_rows"], 1, "CULIGN_MAX_BATCH"),
+                max_queue=number("CULIGN_MAX_QUEUE", int, d["max_queue"], 0),
+                batch_window_ms=number("CULIGN_BATCH_WINDOW_MS", float, d["batch_window_ms"], 0.0),
+                shutdown_grace_s=number("CULIGN_SHUTDOWN_GRACE_S", float, d["shutdown_grace_s"], 0.0),
+                max_body_bytes=number("CULIGN_MAX_BODY_BYTES", int, d["max_body_bytes"], 1024),
+                max_header_bytes=number("CULIGN_MAX_HEADER_BYTES", int, d["max_header_bytes"], 256),
+                log_level=level)
+        if s.default_max_tokens > s.max_tokens:
+            if get("CULIGN_DEFAULT_MAX_TOKENS") is not None:
+                raise SettingsError(f"CULIGN_DEFAULT_MAX_TOKENS ({s.default_max_tokens}) exceeds CULIGN_MAX_TOKENS "
+                                    f"({s.max_tokens})")
+            s = dataclasses.replace(s, default_max_tokens=s.max_tokens)  # a lower cap lowers the default with it
+        return s
