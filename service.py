@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from culign.registry import Registry
+from culign.runtime import cpu_capability
 from culign.serving import REGION_HEADER, VERSION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply, \
     load_runtime
 from culign.settings import ServiceSettings
@@ -227,9 +228,11 @@ class Metrics:
 class Culign:
     def __init__(self) -> None:
         logging.getLogger("culign").setLevel(SETTINGS.log_level)  # BentoML's root logger says WARNING
-        runtime = load_runtime(model=SETTINGS.model, device=SETTINGS.device, dtype=SETTINGS.dtype)
-        log.info("serving %s (%s) in %s with adapters from %s", runtime.name, runtime.fingerprint,
-                 str(runtime.dtype).replace("torch.", ""), SETTINGS.adapters)
+        runtime = load_runtime(model=SETTINGS.model, device=SETTINGS.device, dtype=SETTINGS.dtype,
+                               batch_invariant=SETTINGS.batch_invariant)
+        log.info("serving %s (%s) in %s (%s; batch-invariant decoding %s) with adapters from %s", runtime.name,
+                 runtime.fingerprint, str(runtime.dtype).replace("torch.", ""), cpu_capability(),
+                 "on" if runtime.batch_invariant else "off", SETTINGS.adapters)
         self.engine = ChatEngine(runtime, Registry(SETTINGS.adapters), SETTINGS)
         self.engine.adapters.warm()
         self.metrics = Metrics(self.engine)

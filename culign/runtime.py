@@ -204,6 +204,45 @@ def _forward_in_fp32(module: torch.nn.Module) -> None:
     module.forward = lambda x, *args, **kwargs: copy32(x.float(), *args, **kwargs)
 
 
+ROWWISE = "culign_rowwise_sdpa"
+
+
+def _rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, except in a decode step of several rows: each row attends over its own keys (its left padding cut
+    off, no mask), the same call with the same shapes as when that row is decoded alone, so it rounds the same."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[0] == 1 or query.shape[2] != 1 or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outs = []
+    for i in range(query.shape[0]):
+        visible = attention_mask[i, 0, -1]  # the row's one query: True (or 0.0) where it may attend
+        visible = visible if visible.dtype == torch.bool else visible == 0
+        first = int(visible.to(torch.int8).argmax())  # left padding ends here; the rest is the row's own cache
+        out, _ = sdpa_attention_forward(module, query[i:i + 1], key[i:i + 1, :, first:].contiguous(),
+                                        value[i:i + 1, :, first:].contiguous(), None, **kwargs)
+        outs.append(out)
+    return torch.cat(outs), None
+
+
+def _rowwise_decode_attention(model) -> bool:
+    """Switch an SDPA model to :func:`_rowwise_sdpa`; False (and unchanged) for any other attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == ROWWISE:
+        return True
+    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        log.warning("batch invariance needs SDPA attention (this model uses %s): rows may round differently in a "
+                    "batch than alone", current)
+        return False
+    AttentionInterface.register(ROWWISE, _rowwise_sdpa)
+    AttentionMaskInterface.register(ROWWISE, sdpa_mask)
+    model.set_attn_implementation(ROWWISE)
+    return True
+
+
 @dataclass
 class GenerationRequest:
     """One row of a generation batch."""
@@ -273,7 +312,8 @@ class DecodeBatch:
 class Runtime:
     """A frozen causal LM plus the operations culign needs from it."""
 
-    def __init__(self, model, tokenizer, name: str, device: str, dtype: torch.dtype, fp32_answer: bool | None = None):
+    def __init__(self, model, tokenizer, name: str, device: str, dtype: torch.dtype, fp32_answer: bool | None = None,
+                 batch_invariant: bool | None = None):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
@@ -297,11 +337,19 @@ class Runtime:
         self.fp32_answer = dtype in (torch.bfloat16, torch.float16) if fp32_answer is None else bool(fp32_answer)
         if self.fp32_answer:
             _answer_position_in_fp32(self.model)
+        # In bf16/fp16 a row's attention over a left-padded batch rounds differently from the same row alone, and
+        # greedy answers then depend on the neighbours (5 of 76 in bench/serve.py). Decode steps attend row by row
+        # over each row's own keys, exactly as alone. float32 is invariant already (0 of 76), so it keeps batching.
+        self.batch_invariant = (dtype in (torch.bfloat16, torch.float16)) if batch_invariant is None \
+            else bool(batch_invariant)
+        if self.batch_invariant:
+            self.batch_invariant = _rowwise_decode_attention(self.model)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
-             scoring: bool = False, fp32_answer: bool | None = None) -> "Runtime":
+             scoring: bool = False, fp32_answer: bool | None = None,
+             batch_invariant: bool | None = None) -> "Runtime":
         """Load the embedded default (model None), an HF hub id (from the local HF cache) or a local folder.
 
         ``scoring``: the runtime is for survey scoring (eval, train), whose default dtype is float32.
@@ -325,7 +373,7 @@ class Runtime:
             raise ModelLoadError(f"cannot load model {model!r}: {e}") from e
         lm.to(device)
         log.info("loaded %s on %s in %s (%.1f s)", name, device, torch_dtype, time.perf_counter() - t0)
-        return cls(lm, tok, name, device, torch_dtype, fp32_answer)
+        return cls(lm, tok, name, device, torch_dtype, fp32_answer, batch_invariant)
 
     def _kv(self, cache) -> dict:
         return {self._cache_kw: cache}

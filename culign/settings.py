@@ -36,6 +36,7 @@ class ServiceSettings:
     max_body_bytes: int = 1 << 20  # CULIGN_MAX_BODY_BYTES: larger request bodies get 413
     max_header_bytes: int = 8192  # CULIGN_MAX_HEADER_BYTES: a larger header value gets 431
     log_level: str = "INFO"  # CULIGN_LOG_LEVEL
+    batch_invariant: bool | None = None  # CULIGN_BATCH_INVARIANT: auto (bf16/fp16 only), 1 or 0 (see docs/deploy.md)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, default_adapters: Path | None = None) -> "ServiceSettings":
@@ -67,6 +68,11 @@ class ServiceSettings:
         scheduler = (get("CULIGN_SCHEDULER") or d["scheduler"]).lower()
         if scheduler not in _SCHEDULERS:
             raise SettingsError(f"CULIGN_SCHEDULER={scheduler!r}: choose from {', '.join(_SCHEDULERS)}")
+        invariant_raw = (get("CULIGN_BATCH_INVARIANT") or "auto").lower()
+        invariant = {"auto": None, "1": True, "true": True, "yes": True, "0": False, "false": False,
+                     "no": False}.get(invariant_raw, "bad")
+        if invariant == "bad":
+            raise SettingsError(f"CULIGN_BATCH_INVARIANT={invariant_raw!r}: choose auto, 1 or 0")
         adapters = get("CULIGN_ADAPTERS")
         if adapters is None and default_adapters is None:
             raise SettingsError("CULIGN_ADAPTERS is not set and no default registry was given")
@@ -82,7 +88,7 @@ class ServiceSettings:
                 shutdown_grace_s=number("CULIGN_SHUTDOWN_GRACE_S", float, d["shutdown_grace_s"], 0.0),
                 max_body_bytes=number("CULIGN_MAX_BODY_BYTES", int, d["max_body_bytes"], 1024),
                 max_header_bytes=number("CULIGN_MAX_HEADER_BYTES", int, d["max_header_bytes"], 256),
-                log_level=level)
+                log_level=level, batch_invariant=invariant)
         if s.default_max_tokens > s.max_tokens:
             if get("CULIGN_DEFAULT_MAX_TOKENS") is not None:
                 raise SettingsError(f"CULIGN_DEFAULT_MAX_TOKENS ({s.default_max_tokens}) exceeds CULIGN_MAX_TOKENS "

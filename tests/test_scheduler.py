@@ -153,3 +153,65 @@ def test_logprobs_come_with_the_token_when_asked(tiny_runtime, scheduler):
     for t in toks:
         assert len(t.top) == 3 and t.top[0][0] == t.id and t.logprob == pytest.approx(t.top[0][1])
         assert t.top[0][1] >= t.top[1][1] >= t.top[2][1] and t.logprob <= 0
+
+
+def _mixes(rt, worker, n_mixes, seed, max_new=10):
+    """(differing answers, answers) over random mixes of requests, some joining mid-way, against solo decodes."""
+    import random
+
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [None] + [torch.randn(3, rt.hidden_size, generator=g) * 0.05 for _ in range(3)]
+    questions = ["What matters most in raising children?", "What makes a good leader?",
+                 "Should employees question their manager's decisions? Say why."]
+    differ = total = 0
+
+    async def run(reqs, delays):
+        async def one(r, d):
+            await asyncio.sleep(d)
+            return await _collect(worker.submit(r))
+        return await asyncio.gather(*(one(r, d) for r, d in zip(reqs, delays)))
+
+    for _ in range(n_mixes):
+        reqs = [GenerationRequest(rt.chat_ids([{"role": "user", "content": rnd.choice(questions)}]),
+                                  rnd.choice(prompts), rnd.randint(3, max_new)) for _ in range(rnd.randint(2, 5))]
+        outs = asyncio.run(run(reqs, [rnd.choice([0.0, 0.05]) for _ in reqs]))
+        for r, out in zip(reqs, outs):
+            differ += out != asyncio.run(run([r], [0.0]))[0]
+            total += 1
+    return differ, total
+
+
+def test_bf16_rows_decode_exactly_as_alone(tiny_model):
+    """In bf16 each decode step attends row by row (culign.runtime._rowwise_sdpa): no neighbour changes a row.
+    (The tiny model happens not to differ even without it; the SmolLM2 test below does: 1 of 16 answers.)"""
+    import copy
+
+    from culign.runtime import Runtime
+
+    model, tok = tiny_model
+    rt = Runtime(copy.deepcopy(model).to(torch.bfloat16), tok, "tiny-bf16", "cpu", torch.bfloat16)
+    assert rt.batch_invariant and rt.model.config._attn_implementation == "culign_rowwise_sdpa"
+    worker = Scheduler(rt, max_rows=8, threads=1)
+    try:
+        differ, total = _mixes(rt, worker, 6, seed=0)
+        assert total >= 12 and differ == 0
+    finally:
+        worker.close()
+    assert Runtime(copy.deepcopy(model), tok, "tiny", "cpu", torch.float32).batch_invariant is False  # fp32 batches
+
+
+@pytest.mark.real
+def test_smollm2_bf16_greedy_answers_do_not_depend_on_the_batch():
+    from culign.runtime import Runtime, cpu_bf16_native
+
+    if not cpu_bf16_native():
+        pytest.skip("bf16 is emulated on this CPU (~65x slower than fp32): the service runs fp32 here, which "
+                    "batches invariantly without row-wise attention")
+    rt = Runtime.load(dtype="bfloat16")
+    worker = Scheduler(rt, max_rows=8)
+    try:
+        differ, total = _mixes(rt, worker, 4, seed=1, max_new=12)
+    finally:
+        worker.close()
+    assert total >= 8 and differ == 0
