@@ -17,6 +17,8 @@ from culign.cli import main
 from culign.regions import BadRegionSpec, parse_region
 from culign.registry import AdapterCorrupt, AdapterNotFound, Registry, RegistryError, ScanWarning
 
+pytestmark = [pytest.mark.reliability, pytest.mark.reliability_quick]  # in-process and fast: always run
+
 HOSTILE_REFS = ["..", "../US", "US/..", "US/1", "/etc", "/tmp/out/OUT", "%2e%2e", "%2e%2e%2fOUT", "..%2fOUT",
                 "US@-1", "US@1.0", "US@0", "US@01", "US@+1", "US@1@2", "US@", "@1", "US@99999999999", "US\n",
                 "US\x00", " US", "U S", "\u0555S", "\uff35\uff33", "U\u0405", "\u212aR", "US\u200b", "~", ".",
