@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 from pathlib import Path
 
@@ -236,6 +237,24 @@ class Culign:
         self.engine = ChatEngine(runtime, Registry(SETTINGS.adapters), SETTINGS)
         self.engine.adapters.warm()
         self.metrics = Metrics(self.engine)
+        self._end_rows_on_signals()
+
+    def _end_rows_on_signals(self) -> None:
+        """On SIGTERM/SIGINT, close the scheduler (running rows get CULIGN_SHUTDOWN_GRACE_S, then end), then let
+        the HTTP server's own handler run. Without this the server waits for every stream to decode to its end
+        before it exits (measured: still serving 40 s after SIGTERM)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous = signal.getsignal(sig)
+
+                def handler(signum, frame, previous=previous):
+                    threading.Thread(target=self.engine.close, name="culign-shutdown", daemon=True).start()
+                    if callable(previous):
+                        previous(signum, frame)
+
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread: the server's own handling only
+                log.warning("could not hook %s: running rows will finish before the server exits", sig.name)
 
     @bentoml.api(route="/chat")
     async def chat(self, body: ChatRequest, /, ctx: bentoml.Context) -> dict:

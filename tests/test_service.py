@@ -88,41 +88,53 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, registry_root):
-    tmp = tmp_path_factory.mktemp("server")
+def start_server(tmp: Path, registry_root: Path, **env_extra: str):
+    """`bentoml serve` on a free 127.0.0.1 port in its own session; (process, Server) once /readyz answers."""
     port = free_port()
     env = {**os.environ, "CULIGN_ADAPTERS": str(registry_root), "CULIGN_DTYPE": "float32",
            "CULIGN_MAX_TOKENS": str(CAP), "CULIGN_RESCAN_SECONDS": "1",
            "CULIGN_LOG_LEVEL": "DEBUG",  # the scheduler's join lines show which rows shared steps
-           "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
+           "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
+           **env_extra}
     log = tmp / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service:Culign", "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 300 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield Server(url, log, registry_root)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers, nothing else
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, Server(url, log, registry_root)
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail(f"server not ready after 300 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_server(proc) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers, nothing else
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, registry_root):
+    proc, srv = start_server(tmp_path_factory.mktemp("server"), registry_root)
+    try:
+        yield srv
+    finally:
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -501,3 +513,24 @@ def test_disconnected_streams_free_their_rows(server, http):
     assert metric(http, "culign_queue_depth") == 0
     text = http.get("/metrics").text
     assert "culign_requests_total" in text and "culign_tokens_per_second" in text
+
+
+def test_sigterm_ends_running_streams_within_seconds(tmp_path, registry_root):
+    """SIGTERM mid-decode: the stream ends with an in-stream error after the grace, and the server exits."""
+    proc, srv = start_server(tmp_path, registry_root, CULIGN_SHUTDOWN_GRACE_S="1", CULIGN_MAX_TOKENS="4000")
+    try:
+        body = {"messages": chat("Tell me a very long story."), "max_tokens": 4000, "stream": True}
+        with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream("POST", "/v1/chat/completions",
+                                                                       json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+            t0 = time.monotonic()
+            os.killpg(proc.pid, signal.SIGTERM)
+            rest = [line for line in lines if line]
+        proc.wait(30)
+        took = time.monotonic() - t0
+    finally:
+        stop_server(proc)
+    assert took < 15, f"the server took {took:.1f} s to exit after SIGTERM"
+    assert rest[-1] == "data: [DONE]" and "shut down" in rest[-2], rest[-3:]
