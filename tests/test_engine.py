@@ -254,3 +254,25 @@ def test_settings_from_env(tmp_path):
             ServiceSettings.from_env({"CULIGN_ADAPTERS": str(tmp_path), **env})
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.max_rows = 3  # frozen
+
+
+def test_a_full_queue_is_a_429_with_retry_after(tiny_runtime, registry):
+    settings = ServiceSettings(adapters=registry.root, max_tokens=4000, default_max_tokens=8)
+    e = ChatEngine(tiny_runtime, registry, settings, worker=Scheduler(tiny_runtime, 1, 0, threads=1))
+
+    async def go():
+        long = ChatCompletionRequest(**hi(max_tokens=3000, stream=True))
+        first = await e.chat_completions(long, [])  # takes the one row
+        await first.stream.__anext__()
+        while e.worker.stats.rows_in_flight < 1:  # it is decoding
+            await asyncio.sleep(0.01)
+        second = await e.chat_completions(ChatCompletionRequest(**hi()), [])
+        await first.stream.aclose()  # the client goes away: its row is cancelled
+        return second
+
+    try:
+        reply = run(go())
+    finally:
+        e.close()
+    assert reply.status == 429 and int(reply.headers["Retry-After"]) >= 1
+    assert reply.body["error"]["type"] == "rate_limit_error"
