@@ -179,7 +179,7 @@ def fault_server(tmp_path_factory):
         yield s
 
 
-def _ask(server, region: str, question: str = "Say hello.", tokens: int = 6) -> httpx.Response:
+def _ask(server, region: str, question: str = "Say hello.", tokens: int = 4) -> httpx.Response:
     return httpx.post(f"{server.url}/chat", json={"messages": [{"role": "user", "content": question}],
                                                   "max_tokens": tokens},
                       headers={"X-Culign-Region": region}, timeout=60)

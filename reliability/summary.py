@@ -1,0 +1,72 @@
+"""Print the suite's one summary table from the results file (CULIGN_RELIABILITY_OUT, one JSON object a line).
+
+    python -m reliability.summary runs/reliability.jsonl
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def _cpu() -> str:
+    try:
+        from culign.runtime import cpu_capability
+
+        return str(cpu_capability())
+    except Exception as e:  # noqa: BLE001 - the table must print whatever happened
+        return f"unknown ({e})"
+
+
+def table(rows: list[dict]) -> str:
+    by = defaultdict(list)
+    for r in rows:
+        by[r["part"]].append(r)
+    out = [f"culign reliability suite (CPU: {_cpu()})", "",
+           f"{'part':<42}{'result':<62}verdict", "-" * 114]
+
+    def line(part, result, ok):
+        verdict = ok if isinstance(ok, str) else "pass" if ok else "FAIL"
+        out.append(f"{part[:41]:<42}{result[:61]:<62}{verdict}")
+
+    for r in by["hostile"]:
+        line("hostile corpus", f"{r['cases']} cases: 2xx {r.get('2xx', 0)}, 4xx {r.get('4xx', 0)}, "
+             f"5xx {r.get('5xx', 0)}, hangs {r.get('hang', 0)}, dropped {r.get('dropped', 0)}",
+             not r.get("5xx") and not r.get("hang"))
+        if r.get("failed"):
+            line("  ...of which off-contract", f"{r['failed']} (xfail: known engine defects, see below)", True)
+    for r in by["fuzz"]:
+        line(f"schemathesis {r['mode']} {r['path']}", f"{r['cases']} cases: 2xx {r.get('2xx', 0)}, 4xx "
+             f"{r.get('4xx', 0)}, 5xx {r.get('5xx', 0)}, hangs {r.get('hang', 0)}, 4xx unnamed {r['unnamed_4xx']}",
+             not r.get("5xx") and not r.get("hang") and not r["unnamed_4xx"])
+    for r in by["load"]:
+        line(f"load {r['clients']} clients {r['seconds']:.0f} s", f"{r['requests']} req ({r['rps']}/s), errors "
+             f"{r['errors']}, 429 {r['rejected_429']}, p50 {r['p50_s']} s, p99 {r['p99_s']} s", r["errors"] == 0)
+        line("  worker RSS", f"{r['rss_before_mb']} -> {r['rss_after_mb']} MB (bound +{r['rss_bound_mb']:.0f} MB)",
+             r["rss_growth_mb"] < r["rss_bound_mb"])
+    for r in by["disconnect"]:
+        line(f"{r['streams']} streams dropped after 1 chunk", f"next request {r['after_s']} s (solo {r['solo_s']} s),"
+             f" RSS {r['rss_before_mb']} -> {r['rss_after_mb']} MB", r["first_chunks"] == r["streams"] and
+             r["after_s"] < 2 * r["solo_s"] + 1)
+    for r in by["fault"]:
+        detail = {k: v for k, v in r.items() if k not in ("part", "fault", "body", "problems")}
+        line(f"fault: {r['fault']}", json.dumps(detail), "xfail (engine defect)" if r.get("problems") else True)
+        if r.get("problems"):
+            out.append(f"{'':<42}{r['problems'][0][:72]}")
+    for r in by["kill-resume"]:
+        line(f"kill/resume: {r['scenario']}", f"{' + '.join(r['killed'])[:46]}; {r['final']} exact", r["exact"])
+    return "\n".join(out)
+
+
+def main(path: str) -> int:
+    try:
+        rows = [json.loads(x) for x in open(path) if x.strip()]
+    except FileNotFoundError:
+        print(f"no results in {path}")
+        return 1
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "runs/reliability.jsonl"))
