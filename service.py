@@ -106,7 +106,7 @@ class HttpGuard:
                 return await _error(431, f"header {name.decode('latin-1')[:40]!r} is {len(value)} bytes (at most "
                                          f"{self.max_header})", name.decode("latin-1")[:40])(scope, receive, send)
         if path not in API_PATHS or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, self._json_refusals(scope, send))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype not in ("application/json", ""):
@@ -140,6 +140,8 @@ class HttpGuard:
             return await _error(400, "the request body is empty: send a JSON object", "body")(scope, receive, send)
         try:
             json.loads(body)
+        except RecursionError:
+            return await _error(400, "the request body nests too deeply", "body")(scope, receive, send)
         except (ValueError, UnicodeDecodeError) as e:
             return await _error(400, f"the request body is not valid JSON: {str(e)[:120]}", "body")(scope, receive,
                                                                                                     send)
@@ -165,6 +167,39 @@ class HttpGuard:
             await send(message)
 
         await self.app(scope, replay, send_reshaped)
+
+
+    @staticmethod
+    def _json_refusals(scope, send):
+        """Starlette answers an unknown path (404) or a wrong method (405) in plain text: say it in JSON, naming
+        the path or the method, like every other refusal."""
+        held: dict | None = None
+
+        async def wrapped(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                ctype = dict(message.get("headers", [])).get(b"content-type", b"")
+                if ctype.startswith(b"text/plain"):
+                    held = message
+                    return
+            if held is not None and message["type"] == "http.response.body":
+                status = held["status"]
+                if status == 404:
+                    body = {"message": f"no endpoint at {scope['path'][:80]!r}", "param": "path"}
+                else:
+                    body = {"message": f"method {scope['method']} is not allowed on {scope['path'][:80]!r}",
+                            "param": "method"}
+                data = json.dumps({"error": {**body, "type": "invalid_request_error", "code": status}}).encode()
+                headers = [(k, v) for k, v in held.get("headers", []) if k.lower() not in (b"content-type",
+                                                                                           b"content-length")]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+                await send({**held, "headers": headers})
+                await send({"type": "http.response.body", "body": data})
+                held = None
+                return
+            await send(message)
+
+        return wrapped
 
 
 def to_response(reply: Reply, ctx: bentoml.Context | None = None) -> Response:

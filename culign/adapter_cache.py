@@ -79,6 +79,8 @@ class AdapterCache:
         self._warned: set[str] = set()
         self._loaded: OrderedDict[AdapterInfo, Adapter] = OrderedDict()  # LRU
         self._refused: dict[AdapterInfo, str] = {}
+        # (region, version) -> why the scan itself could not list it (truncated, garbled, a copy, half-written)
+        self._unlisted: dict[str, dict[int, str]] = {}
 
     # ------------------------------------------------------------------ listing
     def rescan(self) -> None:
@@ -86,8 +88,12 @@ class AdapterCache:
         table: dict[str, dict[int, AdapterInfo]] = {}
         for info in infos:
             table.setdefault(info.region, {})[info.version] = info
+        unlisted: dict[str, dict[int, str]] = {}
+        for w in warnings:
+            if getattr(w, "region", None) is not None:  # a ScanWarning: the server can name it in its answer
+                unlisted.setdefault(w.region, {})[w.version] = f"{w.ref} refused as {w.kind}: {w.reason}"
         with self._lock:
-            self._infos, self._scanned_at = table, time.monotonic()
+            self._infos, self._unlisted, self._scanned_at = table, unlisted, time.monotonic()
             live = {i for vs in table.values() for i in vs.values()}
             self._refused = {i: why for i, why in self._refused.items() if i in live}  # forget what is gone
             for info in [i for i in self._loaded if i not in live]:
@@ -138,7 +144,7 @@ class AdapterCache:
 
     def _canonical(self, name: str) -> str | None:
         """The registry's own spelling of a region: its name case-insensitively, else the CLI's alias lookup."""
-        by_lower = {r.lower(): r for r in self._infos}
+        by_lower = {r.lower(): r for r in [*self._unlisted, *self._infos]}
         if name.lower() in by_lower:
             return by_lower[name.lower()]
         try:
@@ -153,13 +159,15 @@ class AdapterCache:
         self._fresh()
         with self._lock:
             region = self._canonical(spec.name)
-            if region is None or (spec.version is not None and spec.version not in self._infos[region]):
+            if region is None or (spec.version is not None and spec.version not in self._infos.get(region, {})):
                 self._rescan_for_unknown()  # maybe trained since the last scan
                 region = self._canonical(spec.name)
             if region is None:
                 raise self._error(AdapterNotFound, f"unknown region {show(spec.name)} in {source}", source)
-            versions = self._infos[region]
+            versions, unlisted = self._infos.get(region, {}), self._unlisted.get(region, {})
             if spec.version is not None:
+                if spec.version not in versions and spec.version in unlisted:
+                    raise self._error(AdapterRefused, f"adapter {unlisted[spec.version]}", source)
                 if spec.version not in versions:
                     raise self._error(AdapterNotFound, f"region {region} has no version {spec.version} (in {source})",
                                       source)
@@ -172,7 +180,8 @@ class AdapterCache:
                 adapter = self._load(versions[version])
                 if adapter is not None:
                     return adapter
-            reasons = "; ".join(f"{i.ref}: {self._refused[i]}" for i in versions.values() if i in self._refused)
+            reasons = "; ".join([f"{i.ref}: {self._refused[i]}" for i in versions.values() if i in self._refused]
+                                + [why for _, why in sorted(unlisted.items())])
             raise self._error(AdapterRefused, f"region {region} is refused, every version failed the integrity or "
                               f"compatibility checks ({reasons})", source)
 

@@ -276,3 +276,18 @@ def test_a_full_queue_is_a_429_with_retry_after(tiny_runtime, registry):
         e.close()
     assert reply.status == 429 and int(reply.headers["Retry-After"]) >= 1
     assert reply.body["error"]["type"] == "rate_limit_error"
+
+
+def test_a_region_the_scan_refused_is_answered_with_the_reason(tiny_runtime, tmp_path):
+    reg = Registry(tmp_path)
+    reg.save("KE", torch.randn(2, tiny_runtime.hidden_size), base_model=tiny_runtime.name,
+             base_fingerprint=tiny_runtime.fingerprint, provenance={})
+    weights = tmp_path / "KE" / "1" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])  # truncated
+    cache = AdapterCache(reg, tiny_runtime, rescan_every=60)
+    for spec in (RegionSpec("KE"), RegionSpec("ke", 1)):
+        with pytest.raises(AdapterRefused) as e:
+            cache.lookup(spec)
+        assert "KE@1" in str(e.value) and "refused" in str(e.value)
+    with pytest.raises(AdapterNotFound):
+        cache.lookup(RegionSpec("KE", 2))
