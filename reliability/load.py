@@ -121,3 +121,25 @@ def disconnect_streams(url: str, n: int = 20, max_tokens: int = 32) -> dict:
     for t in threads:
         t.join(180)
     return {"streams": n, "first_chunks": len(got_first), "seconds": round(time.monotonic() - t0, 2)}
+
+
+def gauges(url: str) -> dict[str, float]:
+    """culign's gauges from /metrics: rows in flight, queue depth, rows cancelled so far."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out = {}
+    for name in ("culign_rows_in_flight", "culign_queue_depth", "culign_cancelled_rows_total"):
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith(name) and not line.startswith("#")]
+        out[name] = sum(values) if values else float("nan")
+    return out
+
+
+def drain_seconds(url: str, limit: float = 120.0) -> float:
+    """Seconds until no row is in flight and nothing waits (polled every 0.1 s)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        g = gauges(url)
+        if g["culign_rows_in_flight"] == 0 and g["culign_queue_depth"] == 0:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    return float("inf")

@@ -32,7 +32,8 @@ def table(rows: list[dict]) -> str:
     for r in by["hostile"]:
         line("hostile corpus", f"{r['cases']} cases: 2xx {r.get('2xx', 0)}, 4xx {r.get('4xx', 0)}, "
              f"5xx {r.get('5xx', 0)}, hangs {r.get('hang', 0)}, dropped {r.get('dropped', 0)}",
-             not r.get("5xx") and not r.get("hang"))
+             "xfail (known hangs)" if r.get("known_bad") and r.get("hang", 0) == r["known_bad"].get("hang", 0)
+             and not r.get("5xx") else not r.get("5xx") and not r.get("hang"))
         if r.get("failed"):
             line("  ...of which off-contract", f"{r['failed']} (xfail: known engine defects, see below)", True)
     for r in by["fuzz"]:
@@ -45,9 +46,11 @@ def table(rows: list[dict]) -> str:
         line("  worker RSS", f"{r['rss_before_mb']} -> {r['rss_after_mb']} MB (bound +{r['rss_bound_mb']:.0f} MB)",
              r["rss_growth_mb"] < r["rss_bound_mb"])
     for r in by["disconnect"]:
-        line(f"{r['streams']} streams dropped after 1 chunk", f"next request {r['after_s']} s (solo {r['solo_s']} s),"
-             f" RSS {r['rss_before_mb']} -> {r['rss_after_mb']} MB", r["first_chunks"] == r["streams"] and
-             r["after_s"] < 2 * r["solo_s"] + 1)
+        line(f"{r['streams']} streams dropped after 1 chunk", f"rows gone in {r['drain_s']} s, next request "
+             f"{r['after_s']} s (solo {r['solo_s']}/{r['solo_again_s']} s)", r["first_chunks"] == r["streams"] and
+             r["drain_s"] < max(3.0, 0.25 * r["solo_s"]) and r["cancelled_rows"] >= r["streams"] - 1)
+        line("  worker RSS", f"{r['rss_before_mb']} -> {r['rss_after_mb']} MB, rows cancelled {r['cancelled_rows']}",
+             r["rss_after_mb"] - r["rss_before_mb"] < 100)
     for r in by["fault"]:
         detail = {k: v for k, v in r.items() if k not in ("part", "fault", "body", "problems")}
         line(f"fault: {r['fault']}", json.dumps(detail), "xfail (engine defect)" if r.get("problems") else True)
