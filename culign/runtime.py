@@ -618,9 +618,11 @@ class Runtime:
 
     @staticmethod
     def _pick(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
-        if r.temperature <= 0:
+        if r.temperature < 1e-6:
+            # 0 is greedy; so is any temperature this small (1e-300 is 0 in float32: 0 / 0 = NaN). Above it the
+            # shift below keeps the division finite.
             return int(logits.argmax())
-        # shifted by the max first: a tiny temperature (1e-40) then tends to greedy instead of inf / inf = NaN
+        # shifted by the max first: a small temperature then tends to greedy instead of inf / inf = NaN
         probs = ((logits - logits.max()) / r.temperature).softmax(-1)
         if r.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)

@@ -46,15 +46,8 @@ FULL = os.environ.get("CULIGN_RELIABILITY_FULL") == "1"  # make reliability: als
 
 # Serving defects seen on the engine in the working tree (2026-12-01), by case id pattern. Each is reported, and
 # xfail(strict=False) so the suite stays a gate for everything else.
-KNOWN = {
-    "method:*": "405 is text/plain 'Method Not Allowed', not a JSON error body naming the method",
-    "path:*": "404 for an unknown path is text/plain 'Not Found', not a JSON error body naming the path",
-}
-HANGS = {  # cases that take the whole 30 s limit: only run with CULIGN_RELIABILITY_FULL=1
-    "malformed:*:10": "a body nesting '{\"a\":' 2,000 deep gets no answer at all (HttpGuard's json.loads raises "
-                      "RecursionError, which is not caught; no log line)",
-    "malformed:*:11": "a body of 5,000 '[' gets no answer at all (RecursionError in HttpGuard's json.loads)",
-}
+KNOWN: dict[str, str] = {}  # none open (plain-text 404/405 and the refused-region 404 were fixed in 90750d7)
+HANGS: dict[str, str] = {}  # none open (deeply nested bodies hung on a RecursionError: fixed in 90750d7)
 
 CASES = build(model_schemas())
 _OUTCOMES: Counter = Counter()
@@ -123,10 +116,6 @@ def test_hostile_corpus_summary(server, client):
 FUZZ_N = int(os.environ.get("CULIGN_FUZZ_EXAMPLES", "100" if FULL else "30"))
 
 
-FUZZ_503 = ("engine defect seen 2026-12-01: 2 of 100 valid POST /chat bodies drawn by schemathesis (role "
-            "'developer', astral-plane characters, no region header) got 503; not reduced to one field yet")
-
-
 @quick
 @pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions"])
 @pytest.mark.parametrize("mode", ["positive", "negative"])
@@ -141,8 +130,6 @@ def test_schema_fuzzing(server, client, path, mode):
     assert server.alive() and server.normal(client).status_code == 200
     record("fuzz", path=path, mode=mode, cases=len(records), **dict(counts), unnamed_4xx=len(unnamed),
            failures=[f"{r.get('status')}: {r['key'][:120]}" for r in bad + unnamed][:20])
-    if bad and path == "/chat" and mode == "positive" and all(r["status"] == 503 for r in bad):
-        pytest.xfail(f"{FUZZ_503}: {bad[:2]}")
     assert not bad, bad[:5]
     assert not unnamed, f"4xx without error.param: {unnamed[:5]}"
 
@@ -258,9 +245,8 @@ class _Fault:
         os.rename(self.saved, self.path)
 
 
-REFUSED_REASON = ("the adapter cache answers a region whose only version the registry scan refused as 'unknown "
-                  "region', without the reason: it drops scan()'s warnings (Registry.scan now returns "
-                  "ScanWarning objects with .region/.version/.kind/.reason for it)")
+REFUSED_REASON = ("a region whose only version the registry scan refused must be answered naming the adapter and "
+                  "the reason (the scan's ScanWarning), not as an unknown region")
 
 
 @quick
@@ -283,8 +269,7 @@ def test_fault_truncated_weights(fault_server):
         assert 1 <= len(log_lines) <= 2, f"the log should say why once, not per request: {log_lines}"
     _wait_rescan(s)
     assert _ask(s, FAULT).status_code == 200  # repaired: served again without a restart
-    if problems:
-        pytest.xfail(f"{REFUSED_REASON}; got {r.status_code} {r.text[:200]}")
+    assert not problems, f"{REFUSED_REASON}; got {r.status_code} {r.text[:200]}"
 
 
 def test_fault_garbled_provenance(fault_server):
@@ -300,8 +285,7 @@ def test_fault_garbled_provenance(fault_server):
                verify="FAILED (named)")
     _wait_rescan(s)
     assert _ask(s, FAULT).status_code == 200
-    if problems:
-        pytest.xfail(f"{REFUSED_REASON}; got {r.status_code} {r.text[:200]}")
+    assert not problems, f"{REFUSED_REASON}; got {r.status_code} {r.text[:200]}"
 
 
 def test_fault_folder_removed_mid_rescan(fault_server):
