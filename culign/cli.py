@@ -93,9 +93,9 @@ def target_options(f):
                      show_default=True, help="Full score row for Saudi Arabia, whose 2015 matrix row has only LTO "
                      "and IVR: legacy Hofstede Insights 95/25/60/80/36/52 or Almutairi et al. 2020 "
                      "72/48/43/64/27/14.")(f)
-    f = click.option("--target", "target_spec", default=None, metavar="DIM=N,...",
+    f = click.option("--target", "target_spec", default=None, metavar="DIM=N,...|@FILE",
                      help="Custom target instead of a region, e.g. PDI=80,IDV=20,MAS=66 (partial targets score "
-                          "only the dimensions given).")(f)
+                          "only the dimensions given), or @FILE: a JSON object or DIM=N lines (# comments).")(f)
     f = click.option("--region", default=None, help="Hofstede code (USA), ISO-2 alias (US) or country name, "
                      "case-insensitive. `culign regions` lists them.")(f)
     return f
