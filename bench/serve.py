@@ -176,6 +176,22 @@ def invariance(rt: Runtime, registry: Registry, mixes: int, seed: int, max_rows:
     return differ, compared
 
 
+def invariance_cost(args) -> None:
+    """What batch-invariant decoding costs: the same closed-loop workload, row-wise vs batched attention."""
+    reqs = workload(args.requests, args.seed, args.min_tokens, args.max_tokens)
+    out = {}
+    for invariant in (True, False):
+        rt = load_runtime(dtype="bfloat16", batch_invariant=invariant)
+        torch.set_num_threads(COMPUTE_THREADS)
+        with tempfile.TemporaryDirectory(prefix="culign-bench-") as scratch:
+            out[invariant] = r = measure(rt, registry_for(rt, scratch, 8), "continuous", reqs, None, args.clients,
+                                         args.seed, args.max_rows)
+        print(f"bf16, row-wise attention {'on ' if invariant else 'off'}: {r['tps']:.1f} tok/s, ITL p50 "
+              f"{1000 * r['itl50']:.0f} ms, rows/step {r['rows']:.1f}", flush=True)
+    print(f"CPU: {cpu_capability()}; batch-invariant decoding costs {100 * (1 - out[True]['tps'] / out[False]['tps']):+.1f} % "
+          f"throughput (closed loop, {args.clients} clients)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="0.5,1,2", help="open-loop arrival rates, requests per second")
@@ -188,7 +204,12 @@ def main() -> None:
     ap.add_argument("--mixes", type=int, default=64, help="random request mixes for the invariance check (0: skip)")
     ap.add_argument("--dtype", default=None, help="load-test dtype (default: the service's, from the CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--invariance-cost", action="store_true",
+                    help="only: closed-loop throughput in bf16 with row-wise decode attention (the default) and with "
+                         "batched attention (CULIGN_BATCH_INVARIANT=0), in one run")
     args = ap.parse_args()
+    if args.invariance_cost:
+        return invariance_cost(args)
 
     rt = load_runtime(dtype=args.dtype)  # as the service does
     torch.set_num_threads(COMPUTE_THREADS)
