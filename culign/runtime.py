@@ -205,6 +205,7 @@ def _forward_in_fp32(module: torch.nn.Module) -> None:
 
 
 ROWWISE = "culign_rowwise_sdpa"
+GREEDY_BELOW = 1e-6  # a sampling temperature under this decodes greedily (see Runtime.pick)
 
 
 def _rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -541,27 +542,20 @@ class Runtime:
         if not requests:
             return
         embeds, mask, positions = self.build_inputs([(r.input_ids, r.soft_prompt) for r in requests])
-        B = len(requests)
-        gens = []
-        for r in requests:
-            g = None
-            if r.temperature > 0:
-                g = torch.Generator(device=self.device)
-                g.manual_seed(r.seed if r.seed is not None else torch.seed())
-            gens.append(g)
+        gens = [self.sampler(r) for r in requests]
         done = [r.max_new_tokens <= 0 for r in requests]
-        produced = [0] * B
+        produced = [0] * len(requests)
         cache = DynamicCache(config=self.model.config)
         logits = self._last_logits(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                    **self._kv(cache), use_cache=True)
-        next_pos = positions[:, -1:] + 1
+        batch = DecodeBatch(cache, mask, positions[:, -1:] + 1, logits)
         while not all(done):
             step: list[int | None] = []
             for i, r in enumerate(requests):
                 if done[i]:
                     step.append(None)
                     continue
-                tok = self._pick(logits[i], r, gens[i])
+                tok = self.pick(batch.logits[i], r, gens[i])
                 produced[i] += 1
                 if tok in self.stop_ids or produced[i] >= r.max_new_tokens:
                     done[i] = True
@@ -569,11 +563,7 @@ class Runtime:
             yield step
             if all(done):
                 break
-            ids = torch.tensor([[t if t is not None else self.pad_id] for t in step], device=self.device)
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            logits = self._last_logits(input_ids=ids, attention_mask=mask, position_ids=next_pos, **self._kv(cache),
-                                       use_cache=True)
-            next_pos = next_pos + 1
+            self.decode_step(batch, [t if t is not None else self.pad_id for t in step])
 
     # ------------------------------------------------------------------ iteration-level decoding
     def decodes_incrementally(self) -> bool:
@@ -605,7 +595,7 @@ class Runtime:
 
     def sampler(self, r: GenerationRequest) -> torch.Generator | None:
         """The row's own random stream (seeded when the request gives a seed); None for greedy rows."""
-        if r.temperature <= 0:
+        if r.temperature < GREEDY_BELOW:
             return None
         g = torch.Generator(device=self.device)
         g.manual_seed(r.seed if r.seed is not None else torch.seed())
@@ -614,11 +604,7 @@ class Runtime:
     @staticmethod
     def pick(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
         """The next token of one row from its logits: greedy, or sampled with temperature and top-p."""
-        return Runtime._pick(logits, r, gen)
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
-        if r.temperature < 1e-6:
+        if r.temperature < GREEDY_BELOW:
             # 0 is greedy; so is any temperature this small (1e-300 is 0 in float32: 0 / 0 = NaN). Above it the
             # shift below keeps the division finite.
             return int(logits.argmax())

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import torch
@@ -133,11 +133,14 @@ class Stats:
     failed_rows: int = 0
     cancelled_rows: int = 0
     rows_in_flight: int = 0
-    requests_by_region: Counter | None = None
+    requests_by_region: Counter = field(default_factory=Counter)
+    _recent: deque = field(default_factory=lambda: deque(maxlen=256), repr=False)  # (time, tokens) per step
 
-    def __post_init__(self):
-        self.requests_by_region = Counter()
-        self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step: for tokens/s
+    def record_step(self, rows: int, tokens: int) -> None:
+        self.steps += 1
+        self.step_rows += rows
+        self.tokens += tokens
+        self._recent.append((time.monotonic(), tokens))
 
     def tokens_per_s(self, window: float = 10.0) -> float:
         now = time.monotonic()
@@ -228,10 +231,15 @@ class _WorkerBase:
                     continue
                 return None
             if job.cancelled:
-                job._finish()
-                self.stats.cancelled_rows += 1
+                self._end_cancelled(job)
                 continue
             return job
+
+    def _end_cancelled(self, job: Job) -> None:
+        """A job its caller gave up on (client gone, stop string): end its stream and count it once."""
+        if not job.finished:
+            self.stats.cancelled_rows += 1
+            job._finish()
 
     def _main(self) -> None:
         torch.set_num_threads(self.threads)  # per thread under OpenMP: see serving.load_runtime
@@ -306,23 +314,14 @@ class Scheduler(_WorkerBase):
                     self.stats.failed_rows += 1
                 rows, batch = [], None
                 continue
-            self.stats.steps += 1
-            self.stats.step_rows += len(rows)
-            produced = 0
-            for i, row in enumerate(rows):
-                if row.job.done:
-                    continue
-                if self._emit(row, batch.logits[i]):
-                    produced += 1
-            self.stats.tokens += produced
-            self.stats._recent.append((time.monotonic(), produced))
+            produced = sum(self._emit(row, batch.logits[i]) for i, row in enumerate(rows) if not row.job.done)
+            self.stats.record_step(len(rows), produced)
             keep = [i for i, r in enumerate(rows) if not r.job.done]
             if len(keep) < len(rows):
                 for r in rows:
                     if r.job.done:
-                        if r.job.cancelled and not r.job.finished:
-                            self.stats.cancelled_rows += 1
-                            r.job._finish()
+                        if r.job.cancelled:
+                            self._end_cancelled(r.job)
                         log.debug("row %s left after %d tokens", r.job.label, r.job.produced)
                 rows = [rows[i] for i in keep]
                 if rows:
@@ -350,8 +349,7 @@ class Scheduler(_WorkerBase):
             return None
         self.stats.tokens += 1
         if job.cancelled and not job.finished:  # its client left while it was being prefilled
-            self.stats.cancelled_rows += 1
-            job._finish()
+            self._end_cancelled(job)
             log.debug("row %s cancelled before joining", job.label)
         return (row, single) if not job.done else None
 
@@ -397,11 +395,8 @@ class StaticBatcher(_WorkerBase):
         self.stats.rows_in_flight = len(batch)
         try:
             for step in self.runtime.generate_stream([j.request for j in batch]):
-                live = [t for t in step if t is not None]
-                self.stats.steps += 1
-                self.stats.step_rows += len(live)
-                self.stats.tokens += len(live)
-                self.stats._recent.append((time.monotonic(), len(live)))
+                live = sum(t is not None for t in step)
+                self.stats.record_step(live, live)
                 for job, token in zip(batch, step):
                     if token is not None and not job.done:
                         job._push(Token(token))

@@ -217,8 +217,8 @@ class Detokenizer:
 class Result:
     """The tokens one request got back, with their text, finish reason, usage and (when asked) logprobs."""
 
-    def __init__(self, prepared: Prepared, detok: Detokenizer, tokenizer):
-        self.prepared, self.detok, self.tokenizer = prepared, detok, tokenizer
+    def __init__(self, prepared: Prepared, detok: Detokenizer):
+        self.prepared, self.detok = prepared, detok
         self.tokens: list[Token] = []
         self.error: ServingError | None = None
 
@@ -242,7 +242,7 @@ class Result:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "virtual_tokens": virtual}
 
     def _piece(self, token_id: int, logprob: float) -> dict:
-        text = self.tokenizer.decode([token_id])
+        text = self.detok.tokenizer.decode([token_id])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def logprobs(self, tokens: Sequence[Token] | None = None) -> dict | None:
@@ -460,8 +460,7 @@ class ChatEngine:
             raise ServingError(503, str(e), kind="server_error") from None
 
     def new_result(self, prepared: Prepared) -> Result:
-        tok = self.runtime.tokenizer
-        return Result(prepared, Detokenizer(tok, self.runtime.stop_ids, prepared.stop), tok)
+        return Result(prepared, Detokenizer(self.runtime.tokenizer, self.runtime.stop_ids, prepared.stop))
 
     async def deltas(self, prepared: Prepared, result: Result, job=None) -> AsyncIterator[str]:
         """Text deltas as the request's tokens arrive (into ``result``). When the caller stops listening (client

@@ -193,9 +193,9 @@ def test_a_tiny_temperature_samples_like_greedy(tiny_runtime):
     logits = torch.tensor([1.0, 3.0, 2.0, -5.0])
     r = GenerationRequest([1], temperature=1e-40, seed=0)
     g = torch.Generator().manual_seed(0)
-    assert all(tiny_runtime._pick(logits, r, g) == 1 for _ in range(20))
+    assert all(tiny_runtime.pick(logits, r, g) == 1 for _ in range(20))
     for t in (5e-324, 1e-300, 1e-7, 1e-5):  # 1e-300 is 0 in float32 (0 / 0 = NaN: a 503 found by schemathesis)
-        assert tiny_runtime._pick(logits, GenerationRequest([1], temperature=t, seed=0), g) == 1
+        assert tiny_runtime.pick(logits, GenerationRequest([1], temperature=t, seed=0), g) == 1
     ids = tiny_runtime.tokenizer("abc", add_special_tokens=False)["input_ids"]
     sampled = tiny_runtime.generate([GenerationRequest(ids, temperature=1e-40, seed=3, max_new_tokens=4)])[0]
     assert sampled == tiny_runtime.generate([GenerationRequest(ids, max_new_tokens=4)])[0]
