@@ -33,7 +33,6 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("bentoml")
 pytest.importorskip("schemathesis")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reliability/ lives at the repository root
 
 from culign.registry import Registry  # noqa: E402
 from reliability import fuzz, hostile, load  # noqa: E402

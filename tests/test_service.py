@@ -26,6 +26,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("bentoml")
 
 from culign.registry import Registry  # noqa: E402
+from reliability.harness import serve  # noqa: E402  (one way to start the real server, shared with the suite)
 from culign.runtime import GenerationRequest, Runtime  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.real]
@@ -74,67 +75,15 @@ def registry_root(tmp_path_factory, fp32) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, url: str, log: Path, registry: Path):
-        self.url, self.log_path, self.registry = url, log, registry
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_server(tmp: Path, registry_root: Path, **env_extra: str):
-    """`bentoml serve` on a free 127.0.0.1 port in its own session; (process, Server) once /readyz answers."""
-    port = free_port()
-    env = {**os.environ, "CULIGN_ADAPTERS": str(registry_root), "CULIGN_DTYPE": "float32",
-           "CULIGN_MAX_TOKENS": str(CAP), "CULIGN_RESCAN_SECONDS": "1",
-           "CULIGN_LOG_LEVEL": "DEBUG",  # the scheduler's join lines show which rows shared steps
-           "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
-           **env_extra}
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Culign", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, Server(url, log, registry_root)
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            pytest.fail(f"server not ready after 300 s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop_server(proc) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers, nothing else
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+# the server as the tests run it: float32 (greedy outputs must match the in-process reference token for token),
+# the scheduler's DEBUG join lines (which rows shared steps)
+SERVER_ENV = {"CULIGN_DTYPE": "float32", "CULIGN_MAX_TOKENS": str(CAP), "CULIGN_LOG_LEVEL": "DEBUG"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, registry_root):
-    proc, srv = start_server(tmp_path_factory.mktemp("server"), registry_root)
-    try:
+    with serve(tmp_path_factory.mktemp("server"), registry_root, **SERVER_ENV) as srv:
         yield srv
-    finally:
-        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -517,8 +466,8 @@ def test_disconnected_streams_free_their_rows(server, http):
 
 def test_sigterm_ends_running_streams_within_seconds(tmp_path, registry_root):
     """SIGTERM mid-decode: the stream ends with an in-stream error after the grace, and the server exits."""
-    proc, srv = start_server(tmp_path, registry_root, CULIGN_SHUTDOWN_GRACE_S="1", CULIGN_MAX_TOKENS="4000")
-    try:
+    with serve(tmp_path, registry_root, **{**SERVER_ENV, "CULIGN_SHUTDOWN_GRACE_S": "1",
+                                            "CULIGN_MAX_TOKENS": "4000"}) as srv:
         body = {"messages": chat("Tell me a very long story."), "max_tokens": 4000, "stream": True}
         with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream("POST", "/v1/chat/completions",
                                                                        json=body) as r:
@@ -526,11 +475,9 @@ def test_sigterm_ends_running_streams_within_seconds(tmp_path, registry_root):
             for _ in range(3):
                 next(lines)
             t0 = time.monotonic()
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(srv.proc.pid, signal.SIGTERM)
             rest = [line for line in lines if line]
-        proc.wait(30)
+        srv.proc.wait(30)
         took = time.monotonic() - t0
-    finally:
-        stop_server(proc)
     assert took < 15, f"the server took {took:.1f} s to exit after SIGTERM"
     assert rest[-1] == "data: [DONE]" and "shut down" in rest[-2], rest[-3:]
