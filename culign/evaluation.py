@@ -121,6 +121,25 @@ def family_mean(scores: Mapping[str, PresentationScore], families: Mapping[str, 
     return (sum(per.values()) / len(per) if per else None), per
 
 
+def order_slope(scores: Mapping[str, PresentationScore], naive: Mapping[str, PresentationScore]) -> float | None:
+    """Does a respondent move what the answers *mean*, or which *digit* the model picks? Over every pair of
+    presentations that differ only in the scale order (``w/t/asc``, ``w/t/desc``) scored for both, the
+    least-squares slope of the index moves (against ``naive``, per index) on the reversed scale on those on the
+    ascending one. +1: the moves follow the labels; -1: they follow the digit's position, so a gain on ascending
+    scales is a loss on reversed ones. None without such pairs."""
+    asc, desc = [], []
+    for name in scores:
+        if not name.endswith("/asc"):
+            continue
+        twin = name[: -len("asc")] + "desc"
+        if twin in scores and name in naive and twin in naive:
+            for d in DIMENSIONS:
+                asc.append(scores[name].indices[d] - naive[name].indices[d])
+                desc.append(scores[twin].indices[d] - naive[twin].indices[d])
+    norm = sum(a * a for a in asc)
+    return sum(a * b for a, b in zip(asc, desc)) / norm if norm > 1e-12 else None
+
+
 def mean_indices(scores: Sequence[PresentationScore]) -> dict[str, float]:
     return {d: sum(s.indices[d] for s in scores) / len(scores) for d in DIMENSIONS}
 
@@ -268,6 +287,15 @@ class Comparison:
             return None
         return (nh - rh) / train_gain
 
+    def gain_kept_by_family(self, row: Evaluation) -> dict[str, float]:
+        """Gain kept on each held-out family alone: where the training gain holds (a new wording, say) and where it
+        turns around (a reversed scale). Empty when there is no training gain to keep."""
+        train_gain = self.naive.train_loss - row.train_loss
+        if train_gain <= 1e-9:
+            return {}
+        naive, mine = self.naive.heldout_by_family, row.heldout_by_family
+        return {f: (naive[f] - mine[f]) / train_gain for f in naive if f in mine}
+
     def significance(self, row: Evaluation) -> dict[str, dict]:
         """Held-out gain per index and in L1 against the naive model's noise band: a gain inside the band is not
         told apart from what a change of wording alone does."""
@@ -289,12 +317,18 @@ class Comparison:
         names = [n for n in self.split.heldout_names if n in row.scores and n in self.naive.scores]
         return sum(row.scores[n].loss < self.naive.scores[n].loss for n in names), len(names)
 
+    def order_slope(self, row: Evaluation) -> float | None:
+        """The row's :func:`order_slope` against the naive model (-1: it moves digits, not meanings)."""
+        return order_slope(row.scores, self.naive.scores)
+
     def to_dict(self) -> dict:
         rows = {}
         for r in self.rows:
             d = r.to_dict()
             if r is not self.naive:
                 d["gain_kept"] = self.gain_kept(r)
+                d["gain_kept_by_family"] = self.gain_kept_by_family(r)
+                d["order_slope"] = self.order_slope(r)
                 d["significance"] = self.significance(r)
                 d["heldout_wins"] = list(self.heldout_wins(r))
             rows[r.label] = d

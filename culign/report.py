@@ -27,6 +27,18 @@ def _fmt(v: float | None, spec: str = ".1f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
+def _order_reading(slope: float) -> str:
+    """What an order slope says, in words (see evaluation.order_slope)."""
+    if slope <= -0.5:
+        how = ("it moves which digit the model picks, not what the answers mean: gains on ascending scales turn "
+               "into losses on reversed ones")
+    elif slope >= 0.5:
+        how = "its moves follow the answer labels when the scale is reversed"
+    else:
+        how = "its moves on a reversed scale barely follow those on an ascending one"
+    return f"index moves on the reversed scale / on the ascending one (+1 follows the labels, -1 the digit); {how}"
+
+
 def format_table(comparison: Comparison, seen_range: Mapping[str, Sequence[float]] | None = None) -> str:
     """Fixed-width table: per row the training indices, train / validation / held-out loss, gain kept, option mass;
     then held-out loss per family, the naive model's noise band and which held-out gains stand out of it."""
@@ -68,6 +80,13 @@ def format_table(comparison: Comparison, seen_range: Mapping[str, Sequence[float
             wins, n = c.heldout_wins(r)
             lines.append(f"{r.label} held-out gain vs naive: " + ", ".join(parts)
                          + f"; lower loss than naive on {wins}/{n} held-out presentations")
+        by_family = c.gain_kept_by_family(r)
+        if by_family:
+            lines.append(f"{r.label} gain kept per held-out family: "
+                         + ", ".join(f"{f} {100 * v:.0f}%" for f, v in by_family.items()))
+        slope = c.order_slope(r)
+        if slope is not None:
+            lines.append(f"{r.label} order slope {slope:+.2f}: {_order_reading(slope)}")
     if seen_range:
         outside = []
         for d in DIMENSIONS:
@@ -241,6 +260,13 @@ def html_report(report: Mapping, comparison: Comparison, title: str | None = Non
             parts = [f"<span class={'ok' if v['significant'] else 'muted'}>{k} {v['gain']:+.1f}"
                      f"{'' if v['significant'] else ' (within the band)'}</span>" for k, v in sig.items()]
             out.append(f"<p>{e(r.label)}: held-out gain over naive: {', '.join(parts)}.</p>")
+        by_family = c.gain_kept_by_family(r)
+        if by_family:
+            out.append(f"<p>{e(r.label)}: gain kept per held-out family: "
+                       + ", ".join(f"{e(f)} {100 * v:.0f}%" for f, v in by_family.items()) + ".</p>")
+        slope = c.order_slope(r)
+        if slope is not None:
+            out.append(f"<p>{e(r.label)}: order slope {slope:+.2f}: {e(_order_reading(slope))}.</p>")
     out.append("<p class=muted>L1 = mean |index - target| over the target's dimensions. Training loss: mean over "
                "the training presentations; validation and held-out: mean over families. Gain kept = (naive held-out"
                " - row held-out) / (naive train - row train). The noise band is the naive model's standard deviation "

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from culign.evaluation import (Comparison, Evaluation, Evaluator, MassGuard, PresentationScore, Respondent, Robust,
-                               family_mean)
+                               family_mean, order_slope)
+from culign.report import format_table
 from culign.scorer import SurveyScorer
 from culign.survey import DIMENSIONS, Split, Survey
 from culign.targets import parse_custom
@@ -71,8 +72,39 @@ def test_gain_kept_and_significance():
     assert sig["L1"]["gain"] == pytest.approx(2.5)
     worse = _evaluation("w", {"t1": 60, "t2": 60, "v1": 80, "h1": 80, "h2": 80, "h3": 80, "h4": 81})
     assert Comparison(TARGET, naive.split, [naive, worse]).gain_kept(worse) < 0  # fitted training, lost held-out
+    # per family: fam1 L1 (10 + 8 + 12) / 3 = 10 -> 7.5 and fam2 10 -> 7.5, each 2.5 of the 5 trained
+    assert c.gain_kept_by_family(adapter) == {"fam1": pytest.approx(0.5), "fam2": pytest.approx(0.5)}
+    assert c.gain_kept_by_family(naive) == {}
     d = c.to_dict()
     assert d["rows"]["a"]["gain_kept"] == pytest.approx(0.5) and "noise_band" in d
+    assert d["rows"]["a"]["gain_kept_by_family"]["fam2"] == pytest.approx(0.5)
+    assert "a gain kept per held-out family: fam1 50%, fam2 50%" in format_table(c)
+
+
+def test_order_slope_tells_label_following_from_digit_following():
+    split = Split(("w/t/asc", "w/u/asc"), {}, {"order:desc": ("w/t/desc", "w/u/desc")})
+    naive_pdi = {"w/t/asc": 70, "w/u/asc": 66, "w/t/desc": 34, "w/u/desc": 38}
+
+    def row(label, moves):
+        return Evaluation(label, TARGET, split, {n: _score(n, naive_pdi[n] + moves[n], idv=40 + moves[n] / 2)
+                                                 for n in naive_pdi})
+    naive = row("naive", dict.fromkeys(naive_pdi, 0.0))
+    # moves the meaning: the same index change whatever the order
+    meaning = row("meaning", {"w/t/asc": -6, "w/u/asc": -4, "w/t/desc": -6, "w/u/desc": -4})
+    # moves the digit: the reversed scale turns every move around
+    digit = row("digit", {"w/t/asc": -6, "w/u/asc": -4, "w/t/desc": 6, "w/u/desc": 4})
+    half = row("half", {"w/t/asc": -6, "w/u/asc": -4, "w/t/desc": 3, "w/u/desc": 2})
+    assert order_slope(meaning.scores, naive.scores) == pytest.approx(1.0)
+    assert order_slope(digit.scores, naive.scores) == pytest.approx(-1.0)
+    assert order_slope(half.scores, naive.scores) == pytest.approx(-0.5)
+    assert order_slope(naive.scores, naive.scores) is None  # no move at all: nothing to follow
+    no_pairs = {n: s for n, s in digit.scores.items() if n.endswith("/asc")}
+    assert order_slope(no_pairs, naive.scores) is None
+    c = Comparison(TARGET, split, [naive, meaning, digit])
+    assert c.to_dict()["rows"]["digit"]["order_slope"] == pytest.approx(-1.0)
+    table = format_table(c)
+    assert "digit order slope -1.00" in table and "not what the answers mean" in table
+    assert "meaning order slope +1.00" in table and "follow the answer labels" in table
 
 
 def test_evaluate_on_the_tiny_model(word_runtime):

@@ -84,5 +84,7 @@ def test_culign_report_writes_a_page_for_a_run_and_for_a_registry(tmp_path):
     out = tmp_path / "one.html"
     r = CliRunner().invoke(main, ["report", str(run), "--out", str(out)])
     assert r.exit_code == 0 and out.exists() and "series-naive-training" in out.read_text()
+    # every row moves all indices alike on vsm/chat/asc and vsm/chat/desc: it follows the labels (slope +1)
+    assert "US@2: order slope +1.00" in out.read_text() and "follow the answer labels" in out.read_text()
     r = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "Traceback" not in r.output
