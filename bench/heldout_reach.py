@@ -28,7 +28,7 @@ import time
 import numpy as np
 from scipy.stats import spearmanr
 
-from culign.evaluation import (Evaluator, PresentationScore, Respondent, family_mean, order_slope,
+from culign.evaluation import (Evaluation, Evaluator, PresentationScore, Respondent, order_slope,
                                presentation_scores)
 from culign.optimize import PromptSpace, SearchConfig, initial_prompt
 from culign.registry import Registry, RegistryError
@@ -39,28 +39,26 @@ from culign.targets import resolve
 Scores = dict[str, PresentationScore]
 
 
-def summary(scores: Scores, naive: Scores) -> dict:
-    split = DEFAULT_SPLIT
-    train = [scores[n].loss for n in split.train]
-    held, per_family = family_mean(scores, split.heldout)
-    return {"train": sum(train) / len(train), "validation": family_mean(scores, split.validation)[0],
-            "heldout": held, "heldout_by_family": per_family, "order_slope": order_slope(scores, naive)}
+def summary(row: Evaluation, naive: Evaluation) -> dict:
+    """The losses every report computes (Evaluation's own), and the row's order slope against naive."""
+    return {"train": row.train_loss, "validation": row.validation_loss, "heldout": row.heldout_loss,
+            "heldout_by_family": row.heldout_by_family, "order_slope": order_slope(row.scores, naive.scores)}
 
 
 def analyse(region: str, rt: Runtime, survey: Survey, registry: Registry, n_prompts: int, seed: int) -> dict:
     split = DEFAULT_SPLIT
     target = resolve(region)
     evaluator = Evaluator(rt, survey, target, split)
-    naive = evaluator.evaluate(Respondent.naive()).scores
+    naive = evaluator.evaluate(Respondent.naive())
     rows = {"naive": summary(naive, naive),
-            "persona": summary(evaluator.evaluate(Respondent.with_persona(target.display_name)).scores, naive)}
+            "persona": summary(evaluator.evaluate(Respondent.with_persona(target.display_name)), naive)}
     try:
         versions = registry.versions(target.key)
     except (RegistryError, KeyError, FileNotFoundError):
         versions = []
     for v in versions:
         adapter = registry.load(target.key, v, hidden_size=rt.hidden_size, base_fingerprint=rt.fingerprint)
-        rows[f"adapter v{v}"] = summary(evaluator.evaluate(Respondent(f"v{v}", adapter.prompt)).scores, naive)
+        rows[f"adapter v{v}"] = summary(evaluator.evaluate(Respondent(f"v{v}", adapter.prompt)), naive)
 
     cfg = SearchConfig(seed=seed)
     space = PromptSpace(initial_prompt(rt, cfg, persona_line(target.display_name)), cfg,
@@ -72,7 +70,7 @@ def analyse(region: str, rt: Runtime, survey: Survey, registry: Registry, n_prom
     for name in split.all_names:
         for s, scores in enumerate(presentation_scores(survey, scorer.answers(prompts, [name]), target.scores)):
             per_prompt[s][name] = scores[name]
-    random_rows = [summary(p, naive) for p in per_prompt]
+    random_rows = [summary(Evaluation(f"random {i}", target, split, p), naive) for i, p in enumerate(per_prompt)]
 
     train = np.array([r["train"] for r in random_rows])
     val = np.array([r["validation"] for r in random_rows])
