@@ -2,9 +2,10 @@
 
     bentoml serve service:Culign            # then: curl -H 'X-Culign-Region: US' localhost:3000/chat -d '{...}'
 
-HTTP in, engine call, HTTP out. The logic lives in culign/: the chat engine (serving.py), the continuous-batching
-scheduler (scheduler.py), the adapter cache (adapter_cache.py); the settings are read once from the environment
-(settings.py, listed in docs/deploy.md). What is HTTP stays here: size limits, content types, error shapes,
+HTTP in, engine call, HTTP out. The logic lives in culign/: the chat engine (serving.py), the inference engine behind
+its seam (engine.py: culign's scheduler.py, or vllm_engine.py with CULIGN_ENGINE=vllm), the adapter cache
+(adapter_cache.py), API keys (auth.py); the settings are read once from the environment (settings.py, listed in
+docs/deploy.md). What is HTTP stays here: size limits, content types, error shapes, the Authorization header,
 client disconnects, /metrics.
 """
 from __future__ import annotations
@@ -22,15 +23,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from culign.auth import ApiKeys, AuthError, Grant
 from culign.registry import Registry
 from culign.runtime import cpu_capability
 from culign.serving import REGION_HEADER, VERSION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply, \
-    load_runtime
+    load_engine
 from culign.settings import ServiceSettings
 
 log = logging.getLogger("culign.service")
 API_PATHS = ("/chat", "/v1/chat/completions")
+OPEN_PATHS = ("/livez", "/readyz", "/metrics")  # probes and scrapers carry no key
 SETTINGS = ServiceSettings.from_env(default_adapters=Path(__file__).resolve().parent / "adapters")
+API_KEYS = ApiKeys.load(SETTINGS.api_keys) if SETTINGS.api_keys else None  # a bad file stops startup here
 
 
 class _QuietBadBodies(logging.Filter):
@@ -202,6 +206,37 @@ class HttpGuard:
         return wrapped
 
 
+class ApiKeyGuard:
+    """ASGI middleware: with CULIGN_API_KEYS set, every path but the probes and /metrics needs
+    ``Authorization: Bearer <key>``; a missing or wrong key is a 401 in OpenAI's shape. The key's grant travels in
+    the request's state for the handlers (a region outside it is a 403 there). The header is never logged."""
+
+    def __init__(self, app, keys: ApiKeys | None):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if self.keys is None or scope["type"] != "http" or scope["path"].rstrip("/") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        values = [v for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
+        try:
+            if len(values) > 1:
+                raise AuthError("give one Authorization header")
+            grant = self.keys.check(values[0].decode("latin-1") if values else None)
+        except AuthError as e:
+            response = JSONResponse({"error": {"message": str(e), "type": "invalid_request_error",
+                                               "param": "Authorization", "code": "invalid_api_key"}},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})["culign_grant"] = grant
+        return await self.app(scope, receive, send)
+
+
+def grant_of(request: Request):
+    """The caller's region check (None: no API keys configured, everything allowed)."""
+    grant: Grant | None = request.scope.get("state", {}).get("culign_grant")
+    return grant.allows if grant is not None else None
+
+
 def to_response(reply: Reply, ctx: bentoml.Context | None = None) -> Response:
     if ctx is not None:
         ctx.response.status_code = reply.status  # BentoML copies the context's status onto what we return
@@ -212,7 +247,7 @@ def to_response(reply: Reply, ctx: bentoml.Context | None = None) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    return to_response(await bentoml.get_current_service().engine.models())
+    return to_response(await bentoml.get_current_service().engine.models(grant_of(request)))
 
 
 # GET routes are not @bentoml.api material: a small Starlette app, mounted at /v1, serves them.
@@ -264,12 +299,18 @@ class Metrics:
 class Culign:
     def __init__(self) -> None:
         logging.getLogger("culign").setLevel(SETTINGS.log_level)  # BentoML's root logger says WARNING
-        runtime = load_runtime(model=SETTINGS.model, device=SETTINGS.device, dtype=SETTINGS.dtype,
-                               batch_invariant=SETTINGS.batch_invariant)
-        log.info("serving %s (%s) in %s (%s; batch-invariant decoding %s) with adapters from %s", runtime.name,
-                 runtime.fingerprint, str(runtime.dtype).replace("torch.", ""), cpu_capability(),
-                 "on" if runtime.batch_invariant else "off", SETTINGS.adapters)
-        self.engine = ChatEngine(runtime, Registry(SETTINGS.adapters), SETTINGS)
+        runtime, engine = load_engine(SETTINGS)
+        log.info("serving %s (%s) on the %s engine in %s (%s) with adapters from %s", runtime.name,
+                 runtime.fingerprint, SETTINGS.engine,
+                 str(getattr(engine, "dtype", runtime.dtype)).replace("torch.", ""), cpu_capability(),
+                 SETTINGS.adapters)
+        if API_KEYS is None:
+            log.warning("API keys: off (CULIGN_API_KEYS is not set): anyone who can reach this port may use every "
+                        "region")
+        else:
+            log.info("API keys: on, %d keys from %s; every endpoint but %s needs Authorization: Bearer <key>",
+                     len(API_KEYS), API_KEYS.source, ", ".join(OPEN_PATHS))
+        self.engine = ChatEngine(runtime, Registry(SETTINGS.adapters), SETTINGS, worker=engine)
         self.engine.adapters.warm()
         self.metrics = Metrics(self.engine)
         self._end_rows_on_signals()
@@ -295,7 +336,7 @@ class Culign:
     async def chat(self, body: ChatRequest, /, ctx: bentoml.Context) -> dict:
         """Chat with the model under the region named by the X-Culign-Region header (none: the base model)."""
         reply = await self.engine.chat(body, ctx.request.headers.getlist(REGION_HEADER),
-                                       ctx.request.is_disconnected)
+                                       ctx.request.is_disconnected, grant_of(ctx.request))
         self.metrics.count(reply)
         return to_response(reply, ctx)
 
@@ -303,7 +344,7 @@ class Culign:
     async def chat_completions(self, body: ChatCompletionRequest, /, ctx: bentoml.Context) -> dict:
         """OpenAI-compatible chat; the region comes from X-Culign-Region or the `model` field."""
         reply = await self.engine.chat_completions(body, ctx.request.headers.getlist(REGION_HEADER),
-                                                   ctx.request.is_disconnected)
+                                                   ctx.request.is_disconnected, grant_of(ctx.request))
         self.metrics.count(reply)
         return to_response(reply, ctx)
 
@@ -319,4 +360,6 @@ class Culign:
         self.engine.close()
 
 
+# Starlette runs the first added outermost: size caps and error shapes first, then the key check
 Culign.add_asgi_middleware(HttpGuard, max_body=SETTINGS.max_body_bytes, max_header=SETTINGS.max_header_bytes)
+Culign.add_asgi_middleware(ApiKeyGuard, keys=API_KEYS)

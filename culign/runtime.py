@@ -84,6 +84,14 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def model_source(model: str | None = None) -> tuple[Path | str, str]:
+    """(folder or hub id to load from, the name culign reports) for CULIGN_MODEL's value (None: the embedded one)."""
+    model = model or os.environ.get("CULIGN_MODEL") or None
+    if model in (None, "", EMBEDDED_ID, EMBEDDED_NAME, "embedded"):
+        return embedded_model_dir(), EMBEDDED_ID
+    return model, model
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -362,10 +370,7 @@ class Runtime:
         model = model or os.environ.get("CULIGN_MODEL") or None
         device = device or os.environ.get("CULIGN_DEVICE") or default_device()
         torch_dtype = parse_dtype(dtype or os.environ.get("CULIGN_DTYPE"), device, scoring)
-        if model in (None, "", EMBEDDED_ID, EMBEDDED_NAME, "embedded"):
-            path, name = embedded_model_dir(), EMBEDDED_ID
-        else:
-            path, name = model, model
+        path, name = model_source(model)
         t0 = time.perf_counter()
         try:
             tok = AutoTokenizer.from_pretrained(path)

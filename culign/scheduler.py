@@ -22,90 +22,17 @@ import math
 import queue
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
 
 import torch
 
+from .engine import Invariance, Job, QueueFull, RowFailed, ShuttingDown, Stats, Token
 from .runtime import DecodeBatch, GenerationRequest, Runtime
+
+__all__ = ["Scheduler", "StaticBatcher", "Job", "QueueFull", "RowFailed", "ShuttingDown", "Stats", "Token"]
 
 log = logging.getLogger("culign.scheduler")
 COMPUTE_THREADS = torch.get_num_threads()  # torch's own choice, taken before the service narrows its loading thread
-
-
-class QueueFull(Exception):
-    """Too many requests waiting: try again after ``retry_after`` seconds."""
-
-    def __init__(self, queued: int, retry_after: int):
-        super().__init__(f"{queued} requests are waiting already")
-        self.queued, self.retry_after = queued, retry_after
-
-
-class ShuttingDown(Exception):
-    """The scheduler is closing: the request was not (or no longer) decoded."""
-
-
-class RowFailed(Exception):
-    """This request failed inside the worker; no other request saw the error."""
-
-
-@dataclass(frozen=True)
-class Token:
-    id: int
-    logprob: float | None = None  # when the request asked for logprobs
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely tokens, best first
-
-
-_END = object()
-
-
-class Job:
-    """One request: the worker pushes its tokens onto an asyncio queue owned by the caller's event loop."""
-
-    def __init__(self, request: GenerationRequest, stop_ids: set[int], loop: asyncio.AbstractEventLoop,
-                 label: str = "", region: str | None = None):
-        self.request, self._stop_ids, self._loop = request, stop_ids, loop
-        self.label, self.region = label, region
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.produced = 0
-        self.finished = False
-        self.cancelled = False  # set by the caller (client gone, stop string matched): the row leaves next step
-        self.submitted_at = time.monotonic()
-
-    # worker side
-    def _put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop has closed: nobody is listening
-            self.cancelled = True
-
-    def _push(self, token: Token) -> None:
-        self.produced += 1
-        self._put(token)
-        if token.id in self._stop_ids or self.produced >= self.request.max_new_tokens:
-            self._finish()
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        if not self.finished:
-            self.finished = True
-            if error is not None:
-                self._put(error)
-            self._put(_END)
-
-    @property
-    def done(self) -> bool:
-        return self.finished or self.cancelled
-
-    # caller side
-    async def tokens(self) -> AsyncIterator[Token]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
 
 def next_token(runtime: Runtime, logits: torch.Tensor, request: GenerationRequest,
@@ -123,34 +50,6 @@ def next_token(runtime: Runtime, logits: torch.Tensor, request: GenerationReques
 
 
 @dataclass
-class Stats:
-    """What /metrics and the bench read; written by the worker thread only."""
-    steps: int = 0  # decode steps run
-    step_rows: int = 0  # rows over all steps (step_rows / steps = mean rows per step)
-    tokens: int = 0
-    prefills: int = 0
-    rejected: int = 0  # QueueFull
-    failed_rows: int = 0
-    cancelled_rows: int = 0
-    rows_in_flight: int = 0
-    requests_by_region: Counter = field(default_factory=Counter)
-    _recent: deque = field(default_factory=lambda: deque(maxlen=256), repr=False)  # (time, tokens) per step
-
-    def record_step(self, rows: int, tokens: int) -> None:
-        self.steps += 1
-        self.step_rows += rows
-        self.tokens += tokens
-        self._recent.append((time.monotonic(), tokens))
-
-    def tokens_per_s(self, window: float = 10.0) -> float:
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
-        if len(recent) < 2:
-            return 0.0
-        return sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0])
-
-
-@dataclass
 class _Row:
     job: Job
     gen: torch.Generator | None
@@ -158,7 +57,8 @@ class _Row:
 
 
 class _WorkerBase:
-    """The thread, the bounded inbox and the stats shared by both schedulers."""
+    """The thread, the bounded inbox and the stats shared by both schedulers (culign's side of the engine seam)."""
+    name = "culign"
 
     def __init__(self, runtime: Runtime, max_rows: int, max_queue: int, threads: int, grace: float, name: str):
         if max_rows < 1 or max_queue < 0:
@@ -200,6 +100,18 @@ class _WorkerBase:
 
     def alive(self) -> bool:
         return self._thread.is_alive() and self._closing_at is None
+
+    def invariance(self) -> Invariance:
+        """Measured in bench/serve.py (random mixes, each greedy answer against the same request alone)."""
+        rt = self.runtime
+        if rt.dtype == torch.float32:
+            return Invariance(True, "float32: batched decode steps round as alone (0 of 76 answers differed)")
+        if rt.batch_invariant:
+            return Invariance(True, f"{str(rt.dtype).replace('torch.', '')} with row-wise decode attention "
+                                    "(CULIGN_BATCH_INVARIANT): 0 of 76 answers differed")
+        return Invariance(False, f"{str(rt.dtype).replace('torch.', '')} with batched attention "
+                                 "(CULIGN_BATCH_INVARIANT=0): 5 of 76 greedy answers differed from the same request "
+                                 "alone")
 
     def close(self) -> None:
         """Stop admitting; rows still running get ``grace`` seconds, then end with ShuttingDown."""

@@ -3,8 +3,10 @@ the scheduler, stop strings, logprobs and the reply bodies (``/chat`` and OpenAI
 
 Knows nothing of BentoML or any HTTP framework: a handler gives :class:`ChatEngine` the parsed body and the region
 header and gets back a :class:`Reply` (status, JSON body or a stream of SSE lines, headers). The pieces it drives
-have their own modules: :mod:`culign.scheduler` (the decode thread), :mod:`culign.adapter_cache` (verified soft
-prompts), :mod:`culign.regions` (``REGION@VERSION``) and :mod:`culign.settings` (the knobs).
+have their own modules: the inference engine behind :mod:`culign.engine`'s seam (culign's :mod:`culign.scheduler`
+or :mod:`culign.vllm_engine`, picked by CULIGN_ENGINE), :mod:`culign.adapter_cache` (verified soft prompts),
+:mod:`culign.regions` (``REGION@VERSION``) and :mod:`culign.settings` (the knobs). Everything here is the same for
+both engines.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .adapter_cache import Adapter, AdapterCache, AdapterNotFound, AdapterRefused
+from .engine import Engine, QueueFull, RowFailed, ShuttingDown, Token
 from .regions import BadRegionSpec, parse_region, show
 from .registry import Registry
 from .runtime import GenerationRequest, Runtime
-from .scheduler import QueueFull, RowFailed, Scheduler, ShuttingDown, StaticBatcher, Token
+from .scheduler import Scheduler, StaticBatcher
 from .settings import ServiceSettings
 
 log = logging.getLogger("culign.serving")
@@ -46,6 +49,26 @@ def load_runtime(**kwargs: Any) -> Runtime:
     return Runtime.load(**kwargs)
 
 
+def load_engine(settings: ServiceSettings) -> tuple[Runtime, Engine | None]:
+    """The runtime (tokenizer, embedding table, fingerprint) and, for CULIGN_ENGINE=vllm, the vLLM engine; for
+    culign's own engine None (ChatEngine builds the scheduler on the runtime)."""
+    if settings.engine != "vllm":
+        return load_runtime(model=settings.model, device=settings.device, dtype=settings.dtype,
+                            batch_invariant=settings.batch_invariant), None
+    from .runtime import default_device, model_source
+    from .vllm_engine import VllmEngine, vllm_dtype
+
+    # culign's copy of the model stays on the CPU in float32: it turns token ids into embeddings for vLLM and
+    # fingerprints the weights that adapters are checked against; vLLM holds the one that decodes
+    runtime = load_runtime(model=settings.model, device="cpu", dtype="float32")
+    device = settings.device or default_device()
+    engine = VllmEngine(runtime, model_source(settings.model)[0], max_rows=settings.max_rows,
+                        max_queue=settings.max_queue, grace=settings.shutdown_grace_s,
+                        dtype=vllm_dtype(settings.dtype, device), enforce_eager=settings.vllm_eager,
+                        kv_cache_gib=settings.vllm_kv_gib, device=device)
+    return runtime, engine
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 class ServingError(Exception):
     """A request the service refuses, with the HTTP status and an OpenAI-shaped JSON body naming the parameter."""
@@ -59,6 +82,9 @@ class ServingError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status,
                           **self.extra}}
+
+
+Allow = Callable[[str | None], bool]  # may this caller use that region (None: the base model)? From its API key
 
 
 def _unavailable(e: AdapterNotFound | AdapterRefused) -> ServingError:
@@ -265,7 +291,7 @@ class ChatEngine:
     """Everything the HTTP handlers need: validation, region selection, generation, reply bodies."""
 
     def __init__(self, runtime: Runtime, registry: Registry, settings: ServiceSettings | None = None, *,
-                 worker: Scheduler | StaticBatcher | None = None):
+                 worker: Engine | None = None):
         self.runtime = runtime
         self.settings = s = settings or ServiceSettings(adapters=registry.root)
         self.adapters = AdapterCache(registry, runtime, s.rescan_seconds)
@@ -275,19 +301,21 @@ class ChatEngine:
             else:
                 worker = StaticBatcher(runtime, s.max_rows, s.max_queue, grace=s.shutdown_grace_s,
                                        window=s.batch_window_ms / 1000)
-        self.worker = worker
-        log.info("decoding with %s (%d rows, %d waiting at most) in %s", type(worker).__name__, worker.max_rows,
-                 worker.max_queue, str(runtime.dtype).replace("torch.", ""))
+        self.worker: Engine = worker
+        self.invariance = worker.invariance()
+        log.info("decoding with %s (%d rows, %d waiting at most); batch-invariant: %s (%s)", type(worker).__name__,
+                 worker.max_rows, worker.max_queue, "yes" if self.invariance.batch_invariant else "NO",
+                 self.invariance.why)
         self.created = int(time.time())
         base = runtime.name
         self.base_names = {base, base.split(":", 1)[-1], base.rstrip("/").rsplit("/", 1)[-1]}
 
     # ------------------------------------------------------------------ endpoints
     async def chat(self, body: ChatRequest, region_header: Sequence[str],
-                   disconnected: Disconnected | None = None) -> Reply:
+                   disconnected: Disconnected | None = None, allow: Allow | None = None) -> Reply:
         """``POST /chat`` -> ``{region, adapter_version, message, usage, finish_reason}``."""
         try:
-            prepared = await self.prepare(body, region_header)
+            prepared = await self.prepare(body, region_header, allow=allow)
             result = await self.generate(prepared, disconnected)
         except ServingError as e:
             return self.error(e)
@@ -297,10 +325,10 @@ class ChatEngine:
                      headers={VERSION_HEADER: prepared.served_by})
 
     async def chat_completions(self, body: ChatCompletionRequest, region_header: Sequence[str],
-                               disconnected: Disconnected | None = None) -> Reply:
+                               disconnected: Disconnected | None = None, allow: Allow | None = None) -> Reply:
         """``POST /v1/chat/completions``, OpenAI-compatible; ``stream: true`` gives SSE chunks and ``[DONE]``."""
         try:
-            prepared = await self.prepare(body, region_header, model=body.model)
+            prepared = await self.prepare(body, region_header, model=body.model, allow=allow)
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 job = self._submit(prepared)  # a full queue is a 429 now, not an error inside a 200 stream
@@ -311,17 +339,24 @@ class ChatEngine:
             return self.error(e)
         return Reply(body=self._completion(prepared, result), headers={VERSION_HEADER: prepared.served_by})
 
-    async def models(self) -> Reply:
-        """``GET /v1/models``: the base model, then every region in the registry with its servable versions."""
+    async def models(self, allow: Allow | None = None) -> Reply:
+        """``GET /v1/models``: the base model, then every region in the registry with its servable versions (those
+        the caller's API key may use), each saying which engine serves it and whether its greedy answers are the
+        same alone and in a batch."""
         base = self.runtime.name
         available = await asyncio.to_thread(self.adapters.available)  # may rescan the registry: off the loop
-        data = [{"id": base, "object": "model", "created": self.created, "owned_by": "culign", "region": None}]
+        serving = {"engine": self.worker.name, "batch_invariant": self.invariance.batch_invariant}
+        data = []
+        if allow is None or allow(None):
+            data.append({"id": base, "object": "model", "created": self.created, "owned_by": "culign",
+                         "region": None, **serving})
         for region, versions in available.items():
-            if versions:
+            if versions and (allow is None or allow(region)):
                 data.append({"id": region, "object": "model", "created": self.created, "owned_by": "culign",
                              "root": base, "parent": base, "region": region, "latest_version": versions[-1],
-                             "versions": versions})
-        return Reply(body={"object": "list", "data": data})
+                             "versions": versions, **serving})
+        return Reply(body={"object": "list", "data": data,
+                           "engine": {"name": self.worker.name, **self.invariance.as_dict()}})
 
     @staticmethod
     def error(e: ServingError) -> Reply:
@@ -331,11 +366,15 @@ class ChatEngine:
         self.worker.close()
 
     # ------------------------------------------------------------------ validation
-    def _select(self, region_header: Sequence[str], model: str | None = None) -> Adapter | None:
-        """The adapter a request names by header and/or OpenAI ``model``; None = the base model. Blocking."""
+    def _select(self, region_header: Sequence[str], model: str | None = None,
+                allow: Allow | None = None) -> Adapter | None:
+        """The adapter a request names by header and/or OpenAI ``model``; None = the base model. Blocking.
+        A region the caller's key may not use is a 403, whether or not the registry has it."""
         values = [v for v in region_header if v.strip()]
         if len(values) > 1:
             raise ServingError(400, f"give one {REGION_HEADER} header, not {len(values)}", param=REGION_HEADER)
+        if allow is not None:
+            self._check_allowed(values[0].strip() if values else None, model, allow)
         try:
             from_header = self.adapters.lookup(parse_region(values[0].strip(), REGION_HEADER), REGION_HEADER) \
                 if values else None
@@ -348,6 +387,41 @@ class ChatEngine:
             raise ServingError(400, f"{REGION_HEADER} selects {from_header.ref} but model {show(model)} selects "
                                     f"{from_model.ref}; give one, or make them agree", param="model")
         return from_header or from_model
+
+    def _check_allowed(self, header: str | None, model: str | None, allow: Allow) -> None:
+        """403 for a region (or the base model) outside the key's grant. Checked on the names as given (aliases
+        resolved like the registry does, never touching it), so a key learns nothing of regions it may not use."""
+        from . import targets
+
+        asked: list[tuple[str | None, str]] = []
+        if header is not None:
+            asked.append((header, REGION_HEADER))
+        if model and model not in self.base_names:
+            name = model
+            for base in self.base_names:
+                if model.startswith(base + ":"):
+                    name = model[len(base) + 1:]
+            asked.append((name, "model"))
+        if not asked:
+            asked.append((None, "model"))
+        for value, source in asked:
+            if value is None:
+                if not allow(None):
+                    raise ServingError(403, "this API key may not use the base model: name a region it may use",
+                                       kind="permission_error", param=source)
+                continue
+            try:
+                spec = parse_region(value, source)
+            except BadRegionSpec as e:
+                raise ServingError(400, str(e), param=e.source) from None
+            names = {spec.name.upper()}
+            try:
+                names.add(targets.resolve(spec.name).key.upper())  # "China" -> "CN"
+            except ValueError:
+                pass
+            if not any(allow(n) for n in names):
+                raise ServingError(403, f"this API key may not use region {show(spec.name)} (in {source})",
+                                   kind="permission_error", param=source)
 
     def _model_region(self, model: str | None) -> Adapter | None:
         """``model``: the base model's name (no region), ``"US"``, ``"US@2"`` or ``"<base>:US"``."""
@@ -409,7 +483,8 @@ class ChatEngine:
                 and body.max_tokens != body.max_completion_tokens:
             raise ServingError(400, "max_tokens and max_completion_tokens disagree: give one", param="max_tokens")
 
-    async def prepare(self, body: ChatRequest, region_header: Sequence[str] = (), model: str | None = None) -> Prepared:
+    async def prepare(self, body: ChatRequest, region_header: Sequence[str] = (), model: str | None = None,
+                      allow: Allow | None = None) -> Prepared:
         """Check a request and select its adapter; ServingError (400/404/413/503) when it does not hold."""
         self.check_values(body)
         extra = body if isinstance(body, ChatCompletionRequest) else None
@@ -419,7 +494,7 @@ class ChatEngine:
         if asked is not None and not 1 <= asked <= cap:
             raise ServingError(400, f"{param} must be between 1 and {cap}, got {asked}", param=param)
         # the registry may be rescanned and an adapter's sha256 checked: never on the event loop
-        adapter = await asyncio.to_thread(self._select, region_header, model)
+        adapter = await asyncio.to_thread(self._select, region_header, model, allow)
         ids = self._prompt_ids(body.messages)
         virtual = adapter.prompt.shape[0] if adapter else 0
         room = self.runtime.max_context - virtual - len(ids)
@@ -480,7 +555,7 @@ class ChatEngine:
             if tail:
                 yield tail
         finally:
-            job.cancelled = True  # no-op for a finished row
+            job.cancel()  # no-op for a finished row
 
     async def generate(self, prepared: Prepared, disconnected: Disconnected | None = None) -> Result:
         """The whole answer. With ``disconnected`` (polled every 0.25 s) a client that hung up cancels the row."""
@@ -497,7 +572,7 @@ class ChatEngine:
             while disconnected is not None and not task.done():
                 await asyncio.wait({task}, timeout=0.25)
                 if not task.done() and await disconnected():
-                    job.cancelled = True
+                    job.cancel()
                     task.cancel()
                     raise ServingError(499, "client closed the request", kind="client_closed")
             return await task
@@ -547,7 +622,7 @@ class ChatEngine:
             yield "data: [DONE]\n\n"
             return
         finally:
-            job.cancelled = True  # the client went away mid-stream: the row leaves at the next step
+            job.cancel()  # the client went away mid-stream: the row leaves at the next step
         yield chunk({}, result.finish_reason, result.logprobs(result.tokens[sent_tokens:]))
         if include_usage:
             yield chunk({}, usage=result.usage())

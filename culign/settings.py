@@ -13,6 +13,7 @@ from typing import Mapping
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SCHEDULERS = ("continuous", "static")
+_ENGINES = ("culign", "vllm")
 
 
 class SettingsError(ValueError):
@@ -37,6 +38,10 @@ class ServiceSettings:
     max_header_bytes: int = 8192  # CULIGN_MAX_HEADER_BYTES: a larger header value gets 431
     log_level: str = "INFO"  # CULIGN_LOG_LEVEL
     batch_invariant: bool | None = None  # CULIGN_BATCH_INVARIANT: auto (bf16/fp16 only), 1 or 0 (see docs/deploy.md)
+    engine: str = "culign"  # CULIGN_ENGINE: culign (its own scheduler) or vllm (needs the culign[vllm] extra)
+    vllm_kv_gib: float = 1.0  # CULIGN_VLLM_KV_GIB: vLLM's KV cache on CPU (VLLM_CPU_KVCACHE_SPACE, if that is unset)
+    vllm_eager: bool = True  # CULIGN_VLLM_EAGER: 1 (no torch.compile: loads in ~20 s) or 0 (compiled: faster, ~100 s)
+    api_keys: Path | None = None  # CULIGN_API_KEYS: a file of sha256-hashed keys (culign/auth.py); unset: no auth
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, default_adapters: Path | None = None) -> "ServiceSettings":
@@ -73,6 +78,14 @@ class ServiceSettings:
                      "no": False}.get(invariant_raw, "bad")
         if invariant == "bad":
             raise SettingsError(f"CULIGN_BATCH_INVARIANT={invariant_raw!r}: choose auto, 1 or 0")
+        engine = (get("CULIGN_ENGINE") or d["engine"]).lower()
+        if engine not in _ENGINES:
+            raise SettingsError(f"CULIGN_ENGINE={engine!r}: choose from {', '.join(_ENGINES)}")
+        eager_raw = (get("CULIGN_VLLM_EAGER") or "1").lower()
+        eager = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(eager_raw)
+        if eager is None:
+            raise SettingsError(f"CULIGN_VLLM_EAGER={eager_raw!r}: choose 1 or 0")
+        keys = get("CULIGN_API_KEYS")
         adapters = get("CULIGN_ADAPTERS")
         if adapters is None and default_adapters is None:
             raise SettingsError("CULIGN_ADAPTERS is not set and no default registry was given")
@@ -88,7 +101,9 @@ class ServiceSettings:
                 shutdown_grace_s=number("CULIGN_SHUTDOWN_GRACE_S", float, d["shutdown_grace_s"], 0.0),
                 max_body_bytes=number("CULIGN_MAX_BODY_BYTES", int, d["max_body_bytes"], 1024),
                 max_header_bytes=number("CULIGN_MAX_HEADER_BYTES", int, d["max_header_bytes"], 256),
-                log_level=level, batch_invariant=invariant)
+                log_level=level, batch_invariant=invariant, engine=engine,
+                vllm_kv_gib=number("CULIGN_VLLM_KV_GIB", float, d["vllm_kv_gib"], 0.0625), vllm_eager=eager,
+                api_keys=Path(keys) if keys else None)
         if s.default_max_tokens > s.max_tokens:
             if get("CULIGN_DEFAULT_MAX_TOKENS") is not None:
                 raise SettingsError(f"CULIGN_DEFAULT_MAX_TOKENS ({s.default_max_tokens}) exceeds CULIGN_MAX_TOKENS "
