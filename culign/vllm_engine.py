@@ -50,6 +50,7 @@ class VllmJob(Job):
         super().__init__(*args, **kwargs)
         self.request_id = f"culign-{next(_ids)}"
         self.task: asyncio.Task | None = None
+        self.cached_tokens: int | None = None  # prompt tokens vLLM's prefix cache had (its first output says)
         self.on_cancel = self._abort
 
     def _abort(self) -> None:
@@ -174,6 +175,8 @@ class VllmEngine:
             if r.max_new_tokens <= 0:
                 return
             async for out in self.llm.generate(self.prompt(r), self.sampling(r), job.request_id):
+                if job.cached_tokens is None:
+                    job.cached_tokens = out.num_cached_tokens or 0
                 done = out.outputs[0]
                 logprobs = done.logprobs or [None] * len(done.token_ids)
                 for tok, lp in zip(done.token_ids, logprobs):

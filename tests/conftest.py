@@ -109,3 +109,58 @@ def word_runtime():
 
     tok = build_word_tokenizer()
     return Runtime(build_tiny_model(len(tok)), tok, "tiny-random-llama-words", "cpu", torch.float32)
+
+
+def need_vllm():
+    """vLLM, or a skip; under CI (CULIGN_REQUIRE_VLLM=1, set by .ci/run) its absence is a failure, not a skip."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or the broken CUDA companions' "operator torchvision::nms does not exist"
+        if os.environ.get("CULIGN_REQUIRE_VLLM"):
+            pytest.fail(f"CULIGN_REQUIRE_VLLM is set but vllm does not import ({type(e).__name__}: {e}); make setup "
+                        "installs it")
+        pytest.skip(f"vllm is not installed ({type(e).__name__}): make setup installs the culign[vllm] extra")
+
+
+class LoopThread:
+    """One event loop in a thread for the whole session: vLLM's AsyncLLM binds its output handler to the loop of its
+    first request, so every test's coroutine runs on this one (``run(coro)``), not in a fresh asyncio.run."""
+
+    def __init__(self):
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-vllm-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 300):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """THE vLLM engine of the test session (start-up ~20-50 s): the embedded SmolLM2, float32, eager, 4 rows and 4
+    waiting, with a float32 culign runtime beside it (the reference, and the source of prompt embeddings)."""
+    need_vllm()
+    from culign.runtime import Runtime, model_source
+    from culign.vllm_engine import VllmEngine
+
+    runtime = Runtime.load(dtype="float32")
+    loop = LoopThread()
+
+    async def start():
+        return VllmEngine(runtime, model_source()[0], max_rows=4, max_queue=4, grace=1.0, dtype=torch.float32,
+                          enforce_eager=True, kv_cache_gib=1.0)
+
+    engine = loop.run(start())
+    engine.test_loop = loop
+    yield engine
+    engine.close()
+    loop.close()
