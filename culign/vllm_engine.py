@@ -183,6 +183,10 @@ class VllmEngine:
                     if not job.finished:
                         job._push(_token(int(tok), lp, r.top_logprobs))
                 self.stats.record_step(self.stats.rows_in_flight, len(done.token_ids))
+                if done.finish_reason == "abort" and not job.cancelled and not job.finished:
+                    # not ours: vLLM's engine process aborts what runs when it is told to stop (SIGTERM reaches the
+                    # whole process group), so this answer ends with the shutdown error, never as "length"
+                    job._finish(ShuttingDown("the engine shut down before this answer was complete"))
         except asyncio.CancelledError:
             if job.cancelled and not job.finished:
                 self.stats.cancelled_rows += 1

@@ -1,8 +1,9 @@
 """The BentoML service end to end: a real `bentoml serve` subprocess, real HTTP, the official openai client.
 
-One server per module (startup loads the model, ~20 s). Its registry is a temporary copy of the committed adapters
-(US, CN, IN, SA, trained on the embedded model); tests add, replace and corrupt adapters in that copy.
-Server and in-process reference both run fp32, so greedy outputs must match token for token.
+One server per engine (CULIGN_ENGINE=culign, then vllm: every test here runs against both; startup loads the model,
+~20-50 s). Its registry is a temporary copy of the committed adapters (US, CN, IN, SA, trained on the embedded
+model); tests add, replace and corrupt adapters in that copy. Server and in-process reference (culign's runtime)
+both run fp32, so greedy outputs must match token for token, on either engine.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from reliability.harness import serve  # noqa: E402  (one way to start the real 
 from culign.runtime import GenerationRequest, Runtime  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.real]
+ENGINES = ["culign", "vllm"]
 
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = ["US", "CN", "IN", "SA"]
@@ -80,9 +82,18 @@ def registry_root(tmp_path_factory, fp32) -> Path:
 SERVER_ENV = {"CULIGN_DTYPE": "float32", "CULIGN_MAX_TOKENS": str(CAP), "CULIGN_LOG_LEVEL": "DEBUG"}
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    """The engine under test; every test that talks to a server runs once per engine."""
+    if request.param == "vllm":
+        from conftest import need_vllm
+        need_vllm()
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, registry_root):
-    with serve(tmp_path_factory.mktemp("server"), registry_root, **SERVER_ENV) as srv:
+def server(tmp_path_factory, registry_root, engine):
+    with serve(tmp_path_factory.mktemp("server"), registry_root, **SERVER_ENV, CULIGN_ENGINE=engine) as srv:
         yield srv
 
 
@@ -196,7 +207,7 @@ def test_region_aliases(http, alias):
     assert (r.json()["region"], r.json()["adapter_version"]) == ("CN", 1)
 
 
-def test_concurrent_mixed_regions_match_solo(http, server, fp32, registry_root):
+def test_concurrent_mixed_regions_match_solo(http, server, fp32, registry_root, engine):
     jobs = [(REGIONS[i % 4], QUESTIONS[i // 4]) for i in range(8)]
     want = [expected(fp32, registry_root, region, q) for region, q in jobs]
     joins_before = len(join_lines(server.log()))
@@ -212,6 +223,8 @@ def test_concurrent_mixed_regions_match_solo(http, server, fp32, registry_root):
         assert r.status_code == 200, r.text
         assert r.json()["region"] == region
         assert (r.json()["message"]["content"], r.json()["usage"]["completion_tokens"]) == (text, n)
+    if engine == "vllm":
+        return  # vLLM schedules its own batches (no join lines); test_vllm_engine.py checks batched == solo there
     new = join_lines(server.log())[joins_before:]
     assert any(len(set(labels)) > 1 for labels in new), f"no decode step mixed regions: {new}"
 
@@ -464,10 +477,10 @@ def test_disconnected_streams_free_their_rows(server, http):
     assert "culign_requests_total" in text and "culign_tokens_per_second" in text
 
 
-def test_sigterm_ends_running_streams_within_seconds(tmp_path, registry_root):
+def test_sigterm_ends_running_streams_within_seconds(tmp_path, registry_root, engine):
     """SIGTERM mid-decode: the stream ends with an in-stream error after the grace, and the server exits."""
     with serve(tmp_path, registry_root, **{**SERVER_ENV, "CULIGN_SHUTDOWN_GRACE_S": "1",
-                                            "CULIGN_MAX_TOKENS": "4000"}) as srv:
+                                            "CULIGN_MAX_TOKENS": "4000", "CULIGN_ENGINE": engine}) as srv:
         body = {"messages": chat("Tell me a very long story."), "max_tokens": 4000, "stream": True}
         with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream("POST", "/v1/chat/completions",
                                                                        json=body) as r:
