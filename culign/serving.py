@@ -402,8 +402,8 @@ class ChatEngine:
                 if model.startswith(base + ":"):
                     name = model[len(base) + 1:]
             asked.append((name, "model"))
-        if not asked:
-            asked.append((None, "model"))
+        if not asked:  # the bare model: named by model (its base name), or by giving no region at all
+            asked.append((None, "model" if model is not None else REGION_HEADER))
         for value, source in asked:
             if value is None:
                 if not allow(None):

@@ -226,3 +226,41 @@ def build(schemas: dict[str, dict]) -> list[Case]:
             seen.add(c.id)
             unique.append(c)
     return unique
+
+
+def auth_cases(us_key: str) -> list[Case]:
+    """Cases for a server with CULIGN_API_KEYS: no key, an empty one, a huge one, the wrong scheme, a wrong key, two
+    headers, and a valid key (``us_key``, granted US only) asking for another region or the bare model. Each is a
+    401 naming Authorization, or a 403 naming where the region came from."""
+    cases: list[Case] = []
+    add = cases.append
+    ok_chat, hdr = base("/chat")
+    ok_comp, _ = base("/v1/chat/completions")
+    bad_auth = {"none": None, "empty": "", "bearer-only": "Bearer", "basic": "Basic dXM6cHc=",
+                "token-scheme": f"Token {us_key}", "no-scheme": us_key, "wrong-key": "Bearer sk-not-a-key",
+                "almost-key": f"Bearer {us_key[:-1]}", "key-plus": f"Bearer {us_key}x", "huge": "Bearer " + "k" * 7000,
+                "unicode": "Bearer cl\u00e9", "tab": "Bearer\tsk-x"}
+    for name, value in bad_auth.items():
+        for path, body, h in (("/chat", ok_chat, hdr), ("/v1/chat/completions", ok_comp, {})):
+            headers = dict(h) if value is None else {**h, "Authorization": value.encode("utf-8")}
+            add(Case(f"auth:{name}:{path}", path=path, body=_j(body), headers=headers, status=(401,),
+                     param="Authorization"))
+        add(Case(f"auth:{name}:/v1/models", method="GET", path="/v1/models", body=None,
+                 headers={} if value is None else {"Authorization": value.encode("utf-8")}, status=(401,),
+                 param="Authorization"))
+    add(Case("auth:header-too-long", path="/chat", body=_j(ok_chat), headers={**hdr, "Authorization": "Bearer " + "k" * 20_000},
+             status=(431,), param="authorization"))  # over the header cap: refused before any key is hashed
+    key = {"Authorization": f"Bearer {us_key}"}
+    for region in ("CN", "china", "CN@1", "IN"):
+        add(Case(f"auth:other-region-header:{region}", path="/chat", body=_j(ok_chat), headers={**key, HEADER: region},
+                 status=(403,), param=HEADER))
+        add(Case(f"auth:other-region-model:{region}", path="/v1/chat/completions",
+                 body=_j({**ok_comp, "model": region}), headers=key, status=(403,), param="model"))
+    add(Case("auth:base-model", path="/chat", body=_j(ok_chat), headers=key, status=(403,), param=HEADER))
+    add(Case("auth:base-model-by-name", path="/v1/chat/completions", headers=key, status=(403,), param="model",
+             body=_j({**ok_comp, "model": "SmolLM2-135M-Instruct"})))
+    add(Case("auth:other-region-stream", path="/v1/chat/completions", headers=key, status=(403,), param="model",
+             body=_j({**ok_comp, "model": "CN", "stream": True}), stream=True))
+    add(Case("auth:unknown-region-not-revealed", path="/chat", body=_j(ok_chat), headers={**key, HEADER: "ATLANTIS"},
+             status=(403,), param=HEADER))  # a key learns nothing of regions outside its grant, not even 404
+    return cases

@@ -494,3 +494,14 @@ def test_sigterm_ends_running_streams_within_seconds(tmp_path, registry_root, en
         took = time.monotonic() - t0
     assert took < 15, f"the server took {took:.1f} s to exit after SIGTERM"
     assert rest[-1] == "data: [DONE]" and "shut down" in rest[-2], rest[-3:]
+
+
+def test_startup_says_what_it_serves_on_and_what_is_invariant(http, server, engine):
+    """Without CULIGN_API_KEYS the service is open, and says so; /v1/models names the engine and whether a greedy
+    answer is the same alone and batched (float32 here: yes on both engines)."""
+    log = server.log()
+    assert "API keys: off (CULIGN_API_KEYS is not set)" in log
+    assert f"on the {engine} engine" in log and "batch-invariant: yes" in log
+    body = http.get("/v1/models").json()
+    assert body["engine"]["name"] == engine and body["engine"]["batch_invariant"] is True and body["engine"]["why"]
+    assert all(m["engine"] == engine and m["batch_invariant"] is True for m in body["data"])
