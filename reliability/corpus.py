@@ -248,8 +248,8 @@ def auth_cases(us_key: str) -> list[Case]:
         add(Case(f"auth:{name}:/v1/models", method="GET", path="/v1/models", body=None,
                  headers={} if value is None else {"Authorization": value.encode("utf-8")}, status=(401,),
                  param="Authorization"))
-    add(Case("auth:header-too-long", path="/chat", body=_j(ok_chat), headers={**hdr, "Authorization": "Bearer " + "k" * 20_000},
-             status=(431,), param="authorization"))  # over the header cap: refused before any key is hashed
+    add(Case("auth:header-too-long", path="/chat", body=_j(ok_chat), status=(431,), param="authorization",
+             headers={**hdr, "Authorization": "Bearer " + "k" * 20_000}))  # over the header cap: refused before any key is hashed
     key = {"Authorization": f"Bearer {us_key}"}
     for region in ("CN", "china", "CN@1", "IN"):
         add(Case(f"auth:other-region-header:{region}", path="/chat", body=_j(ok_chat), headers={**key, HEADER: region},

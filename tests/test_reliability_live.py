@@ -9,6 +9,7 @@ committed registry (reliability/harness.py), attacked, loaded, disconnected from
 - faults: an adapter's weights truncated, its culign.json garbled, its folder removed mid-rescan, a half-written
   version, a new version without restart, a version replaced under the same number.
 
+Every part runs against both engines (CULIGN_ENGINE=culign, then vllm): one server per engine and module.
 The default test run takes the quick part (marked reliability_quick: the hostile corpus, the schema fuzzing and
 one fault); `make reliability` (or `pytest -m reliability`) runs everything and prints the summary table.
 Known serving-engine defects are xfail(strict=False) with the reason, not weakened checks.
@@ -49,9 +50,10 @@ KNOWN: dict[str, str] = {}  # none open (plain-text 404/405 and the refused-regi
 HANGS: dict[str, str] = {}  # none open (deeply nested bodies hung on a RecursionError: fixed in 90750d7)
 
 CASES = build(model_schemas())
-_OUTCOMES: Counter = Counter()
-_KNOWN_BAD: Counter = Counter()  # 5xx / hangs of cases marked as known engine defects
-_FAILED: list[str] = []
+ENGINES = ["culign", "vllm"]
+_OUTCOMES: dict[str, Counter] = {e: Counter() for e in ENGINES}  # per engine
+_KNOWN_BAD: dict[str, Counter] = {e: Counter() for e in ENGINES}  # 5xx / hangs of cases marked as known defects
+_FAILED: dict[str, list[str]] = {e: [] for e in ENGINES}
 
 
 def _marks(case_id: str):
@@ -64,12 +66,20 @@ def _marks(case_id: str):
     return []
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    if request.param == "vllm":
+        from conftest import need_vllm
+        need_vllm()
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
+def server(tmp_path_factory, engine):
+    tmp = tmp_path_factory.mktemp(f"hostile-{engine}")
     # valid bodies that give no max_tokens (schemathesis draws many) generate 8 tokens, not 128: the 30 s limit is
     # about hangs, not about a shared 2-core machine's decoding speed
-    with serve(tmp, copy_registry(tmp / "adapters"), CULIGN_DEFAULT_MAX_TOKENS=8) as s:
+    with serve(tmp, copy_registry(tmp / "adapters"), CULIGN_DEFAULT_MAX_TOKENS=8, CULIGN_ENGINE=engine) as s:
         yield s
 
 
@@ -82,11 +92,11 @@ def client(server):
 # ---------------------------------------------------------------------------------------------------- hostile corpus
 @quick
 @pytest.mark.parametrize("case", [pytest.param(c, id=f"{n:03d}", marks=_marks(c.id)) for n, c in enumerate(CASES)])
-def test_hostile_input(server, client, case):
+def test_hostile_input(server, client, case, engine):
     out = hostile.send(client, server.url, case)
-    _OUTCOMES[out.klass] += 1
+    _OUTCOMES[engine][out.klass] += 1
     if _marks(case.id) and out.klass in ("5xx", "hang", "dropped"):
-        _KNOWN_BAD[out.klass] += 1
+        _KNOWN_BAD[engine][out.klass] += 1
     found = hostile.problems(case, out)
     # the server must answer a normal request right after: a listing always, a generation every 25 cases
     if not server.alive():
@@ -94,21 +104,22 @@ def test_hostile_input(server, client, case):
     elif CASES.index(case) % 25 == 0 and server.normal(client).status_code != 200:
         found.append("the server did not answer a normal chat right after")
     if found:
-        _FAILED.append(f"{case.id}: {found[0]}")
+        _FAILED[engine].append(f"{case.id}: {found[0]}")
     assert not found, f"{case.id} ({case.method} {case.path}): " + "; ".join(found)
 
 
 @quick
-def test_hostile_corpus_summary(server, client):
+def test_hostile_corpus_summary(server, client, engine):
     """Runs after the cases (file order): >= 200 distinct cases, no 5xx, no hang, a normal request still served."""
     assert len(CASES) >= 200 and len({c.id for c in CASES}) == len(CASES)
     assert server.normal(client).status_code == 200
-    record("hostile", cases=len(CASES), sent=sum(_OUTCOMES.values()), **dict(_OUTCOMES),
-           failed=len(_FAILED), failures=_FAILED[:40], known_bad=dict(_KNOWN_BAD), rss_mb=server.rss_mb())
-    unknown = {k: _OUTCOMES[k] - _KNOWN_BAD[k] for k in ("5xx", "hang")}
-    assert unknown == {"5xx": 0, "hang": 0}, (_OUTCOMES, _FAILED[:10])
-    if _KNOWN_BAD["5xx"] or _KNOWN_BAD["hang"]:
-        pytest.xfail(f"only known engine defects failed the gate: {dict(_KNOWN_BAD)} ({', '.join(HANGS.values())})")
+    outcomes, known_bad, failed = _OUTCOMES[engine], _KNOWN_BAD[engine], _FAILED[engine]
+    record("hostile", engine=engine, cases=len(CASES), sent=sum(outcomes.values()), **dict(outcomes),
+           failed=len(failed), failures=failed[:40], known_bad=dict(known_bad), rss_mb=server.rss_mb())
+    unknown = {k: outcomes[k] - known_bad[k] for k in ("5xx", "hang")}
+    assert unknown == {"5xx": 0, "hang": 0}, (outcomes, failed[:10])
+    if known_bad["5xx"] or known_bad["hang"]:
+        pytest.xfail(f"only known engine defects failed the gate: {dict(known_bad)} ({', '.join(HANGS.values())})")
 
 
 # ---------------------------------------------------------------------------------------------------- schema fuzzing
@@ -118,7 +129,7 @@ FUZZ_N = int(os.environ.get("CULIGN_FUZZ_EXAMPLES", "100" if FULL else "30"))
 @quick
 @pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions"])
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_schema_fuzzing(server, client, path, mode):
+def test_schema_fuzzing(server, client, path, mode, engine):
     openapi = httpx.get(f"{server.url}/docs.json", timeout=30).json()
     drawn = fuzz.draw(openapi, path, mode, FUZZ_N, seed=zlib.crc32(f"{path} {mode}".encode()) % 1000)
     assert len(drawn) >= FUZZ_N // 2
@@ -127,7 +138,7 @@ def test_schema_fuzzing(server, client, path, mode):
     unnamed = [r for r in records if r["status"] and 400 <= r["status"] < 500 and not r.get("param")]
     bad = [r for r in records if r["status"] is None or r["status"] >= 500 or r["seconds"] > 30]
     assert server.alive() and server.normal(client).status_code == 200
-    record("fuzz", path=path, mode=mode, cases=len(records), **dict(counts), unnamed_4xx=len(unnamed),
+    record("fuzz", engine=engine, path=path, mode=mode, cases=len(records), **dict(counts), unnamed_4xx=len(unnamed),
            failures=[f"{r.get('status')}: {r['key'][:120]}" for r in bad + unnamed][:20])
     assert not bad, bad[:5]
     assert not unnamed, f"4xx without error.param: {unnamed[:5]}"
@@ -138,19 +149,19 @@ LOAD_SECONDS = float(os.environ.get("CULIGN_LOAD_SECONDS", "60"))
 RSS_GROWTH_MB = 300.0  # the stated bound on worker RSS growth over the load run (the model alone is ~0.8 GB)
 
 
-def test_load_16_clients(server):
+def test_load_16_clients(server, engine):
     load.solo(server.url, 8, 1)  # warm: every code path compiled and allocated once before measuring
     before = server.rss_mb()
     result = load.run_load(server.url, clients=16, seconds=LOAD_SECONDS)
     after = server.rss_mb()
     growth = after["worker"] - before["worker"]
-    record("load", **result, rss_before_mb=round(before["worker"]), rss_after_mb=round(after["worker"]),
+    record("load", engine=engine, **result, rss_before_mb=round(before["worker"]), rss_after_mb=round(after["worker"]),
            rss_growth_mb=round(growth), rss_bound_mb=RSS_GROWTH_MB)
     assert result["requests"] > 0 and result["errors"] == 0, result
     assert growth < RSS_GROWTH_MB, (before, after)
 
 
-def test_client_disconnects_free_their_rows(server):
+def test_client_disconnects_free_their_rows(server, engine):
     base = load.solo(server.url, 32, 3)
     before, cancelled_before = server.rss_mb(), load.gauges(server.url)["culign_cancelled_rows_total"]
     result = load.disconnect_streams(server.url, 20, 32)
@@ -161,7 +172,7 @@ def test_client_disconnects_free_their_rows(server):
     again = load.solo(server.url, 32, 1)  # the machine's speed now (a shared 2-core box drifts)
     after = server.rss_mb()
     cancelled = load.gauges(server.url)["culign_cancelled_rows_total"] - cancelled_before
-    record("disconnect", **result, solo_s=round(base, 2), drain_s=round(drain, 2), after_s=round(after_s, 2),
+    record("disconnect", engine=engine, **result, solo_s=round(base, 2), drain_s=round(drain, 2), after_s=round(after_s, 2),
            solo_again_s=round(again, 2), cancelled_rows=cancelled, rss_before_mb=round(before["worker"]),
            rss_after_mb=round(after["worker"]))
     assert result["first_chunks"] == 20, result
@@ -182,11 +193,12 @@ FAULT = "IN"  # the region the faults hit; the others must keep serving
 
 
 @pytest.fixture(scope="module")
-def fault_server(tmp_path_factory):
+def fault_server(tmp_path_factory, engine):
     """Its own server: version 1 of every region, float32 (greedy outputs comparable between requests)."""
-    tmp = tmp_path_factory.mktemp("faults")
+    tmp = tmp_path_factory.mktemp(f"faults-{engine}")
     root = copy_registry(tmp / "adapters", versions=(1,))
-    with serve(tmp, root, CULIGN_DTYPE="float32", CULIGN_RESCAN_SECONDS="0.5") as s:
+    with serve(tmp, root, CULIGN_DTYPE="float32", CULIGN_RESCAN_SECONDS="0.5", CULIGN_ENGINE=engine) as s:
+        s.engine = engine  # for the records
         yield s
 
 
@@ -263,7 +275,8 @@ def test_fault_truncated_weights(fault_server):
         v = _verify(s.registry)
         assert v.returncode == 1 and f"{FAULT}@1: FAILED" in v.stdout and "truncated" in v.stdout, v.stdout
         log_lines = [ln for ln in s.log().splitlines() if f"{FAULT}@1" in ln and "truncated" in ln]
-        record("fault", fault="truncated weights", status=r.status_code, body=r.text[:200], problems=problems,
+        record("fault", engine=fault_server.engine,
+               fault="truncated weights", status=r.status_code, body=r.text[:200], problems=problems,
                verify="FAILED (named)", log_lines=len(log_lines))
         assert 1 <= len(log_lines) <= 2, f"the log should say why once, not per request: {log_lines}"
     _wait_rescan(s)
@@ -280,7 +293,8 @@ def test_fault_garbled_provenance(fault_server):
         _others_serve(s)
         v = _verify(s.registry)
         assert v.returncode == 1 and f"{FAULT}@1: FAILED" in v.stdout and "culign.json" in v.stdout, v.stdout
-        record("fault", fault="garbled culign.json", status=r.status_code, body=r.text[:200], problems=problems,
+        record("fault", engine=fault_server.engine,
+               fault="garbled culign.json", status=r.status_code, body=r.text[:200], problems=problems,
                verify="FAILED (named)")
     _wait_rescan(s)
     assert _ask(s, FAULT).status_code == 200
@@ -310,7 +324,8 @@ def test_fault_folder_removed_mid_rescan(fault_server):
         r = _ask(s, FAULT)
         _others_serve(s)
         v = _verify(s.registry)
-        record("fault", fault="folder removed mid-rescan", status=r.status_code, body=r.text[:200],
+        record("fault", engine=fault_server.engine,
+               fault="folder removed mid-rescan", status=r.status_code, body=r.text[:200],
                during=dict(statuses))
         assert r.status_code == 404 and FAULT in r.json()["error"]["message"], r.text
         assert all(isinstance(k, int) and (k == 200 or 400 <= k < 500 or k == 503) for k in statuses), statuses
@@ -358,7 +373,8 @@ def test_half_written_then_complete_new_version_without_restart(fault_server, tm
         listed = _models(s).get(FAULT, {})
         r = _ask(s, FAULT)
         cn = _ask(s, "CN")
-        record("fault", fault="half-written, then completed version", half_status=as7.status_code,
+        record("fault", engine=fault_server.engine,
+               fault="half-written, then completed version", half_status=as7.status_code,
                listed=listed.get("versions"), served=r.headers.get("x-culign-adapter"))
         assert r.status_code == 200 and r.headers.get("x-culign-adapter") == f"{FAULT}@7", (r.headers, listed)
         assert r.json()["message"]["content"] == cn.json()["message"]["content"]  # CN's prompt, so CN's answer
@@ -393,7 +409,8 @@ def test_a_version_replaced_under_the_same_number_is_never_served_stale(fault_se
             if r.status_code == 200 and r.json()["message"]["content"] != sa:
                 stale += 1
         final = _ask(s, f"{FAULT}@8")
-        record("fault", fault="version replaced under the same number", stale_answers_in_first_3s=stale,
+        record("fault", engine=fault_server.engine,
+               fault="version replaced under the same number", stale_answers_in_first_3s=stale,
                requests=len(answers))
         assert final.status_code == 200 and final.json()["message"]["content"] == sa
         # within a rescan period the old prompt may still answer; after that, never
