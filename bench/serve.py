@@ -7,28 +7,37 @@ detokenizing), with no HTTP in the way. Requests ask for 8..256 new tokens (unif
   poisson@R    open loop: requests arrive at R per second (exponential gaps), whatever the server's state
   closed-16    16 clients, each sending its next request when the last one is answered
 
-Schedulers:
+Engines (--engine culign,vllm) and, for culign's, schedulers (--schedulers):
 
-  continuous   the service as shipped (culign.scheduler.Scheduler): rows join at the next step, leave at once
+  continuous   culign's engine as shipped (culign.scheduler.Scheduler): rows join at the next step, leave at once
   static       the previous design (StaticBatcher): gather for 5 ms, decode that batch to its end
   one-adapter  the peer: static batches that only ever hold one soft prompt (as PEFT serves a PromptTuning model)
+  vllm-CFG     vLLM behind the same seam (culign.vllm_engine), one engine per --vllm-configs entry: fp32-eager,
+               bf16-eager, bf16-compiled (torch.compile; loads in ~100 s); soft prompts as prompt_embeds
 
-Printed per (workload, scheduler): tokens/s, time to first token p50/p99, inter-token latency p50/p99, mean rows
-per decode step. Goals (issue 9): TTFT p99 <= 25 % of static's at the same load, throughput >= static's, >= 3x the
-one-adapter peer. Then batch invariance: random mixes of requests (regions, lengths, arrival offsets) through the
-continuous scheduler, each greedy answer compared with the same request decoded alone, in float32 and bf16.
+Printed per (workload, engine): tokens/s, time to first token p50/p99, inter-token latency p50/p99, mean rows
+per decode step (culign's engine), then per engine its start time and the RSS of the process and its children.
+Goals (issue 9): TTFT p99 <= 25 % of static's at the same load, throughput >= static's, >= 3x the one-adapter peer.
+Then batch invariance: random mixes of requests (regions, lengths, arrival offsets) through the continuous scheduler
+(float32 and bf16) and through each vLLM engine, each greedy answer compared with the same request decoded alone.
 
-    python bench/serve.py                          # everything (~10 min on 2 cores)
+    python bench/serve.py                          # culign's engine, everything (~10 min on 2 cores)
+    python bench/serve.py --engine culign,vllm --schedulers continuous --rates 0.5,2   # the side-by-side table
     python bench/serve.py --rates 1 --requests 16 --mixes 16   # a quick look
+
+Timings are only worth reading on a machine nobody else is using: vLLM keeps one core for its scheduler, and
+another process on a 2-core box slows a decode step several-fold from one second to the next.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +76,54 @@ class OneAdapterAtATime(StaticBatcher):
 
 
 WORKERS = {"continuous": Scheduler, "static": StaticBatcher, "one-adapter": OneAdapterAtATime}
+VLLM_CONFIGS = {"fp32-eager": (torch.float32, True), "bf16-eager": (torch.bfloat16, True),
+                "bf16-compiled": (torch.bfloat16, False)}
+
+
+class Loop:
+    """One event loop in a thread for a whole engine's run: vLLM's AsyncLLM binds to the loop of its first request,
+    so every workload runs on this one (``run(coro)``); culign's scheduler works the same way on it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def rss_mb() -> float:
+    """This process and its children (vLLM's engine core and worker), MB."""
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def start_vllm(rt32: Runtime, config: str, max_rows: int, loop: Loop):
+    """A vLLM engine for ``config`` (created on ``loop``) and its start time in seconds."""
+    from culign.runtime import model_source
+    from culign.vllm_engine import VllmEngine
+
+    dtype, eager = VLLM_CONFIGS[config]
+
+    async def make():
+        return VllmEngine(rt32, model_source()[0], max_rows=max_rows, max_queue=1024, dtype=dtype,
+                          enforce_eager=eager, kv_cache_gib=2.0)
+    t0 = time.perf_counter()
+    engine = loop.run(make())
+    return engine, time.perf_counter() - t0
 
 
 def registry_for(rt: Runtime, scratch: str, virtual_tokens: int) -> Registry:
@@ -120,16 +177,21 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def measure(rt: Runtime, registry: Registry, name: str, requests, rate, clients, seed, max_rows) -> dict:
-    worker = WORKERS[name](rt, max_rows=max_rows, max_queue=1024)
+def measure(rt: Runtime, registry: Registry, name: str, requests, rate, clients, seed, max_rows,
+            worker=None, run=asyncio.run) -> dict:
+    """One workload through one engine: a culign scheduler made here (``name``), or a running ``worker`` (vLLM,
+    whose coroutines go through ``run``: its loop), left running."""
+    own = worker is None
+    worker = worker or WORKERS[name](rt, max_rows=max_rows, max_queue=1024)
     engine = ChatEngine(rt, registry, ServiceSettings(adapters=registry.root, max_tokens=512), worker=worker)
     engine.adapters.warm()
-    asyncio.run(drive(engine, requests[:2], None, 2, seed))  # warm-up, out of the timing
+    run(drive(engine, requests[:2], None, 2, seed))  # warm-up, out of the timing
     steps0, rows0 = worker.stats.steps, worker.stats.step_rows
     t0 = time.perf_counter()
-    records = asyncio.run(drive(engine, requests, rate, clients, seed))
+    records = run(drive(engine, requests, rate, clients, seed))
     wall = time.perf_counter() - t0
-    engine.close()
+    if own:
+        engine.close()
     gaps = [g for r in records for g in r["gaps"]]
     ttft = [r["ttft"] for r in records]
     steps = max(1, worker.stats.steps - steps0)
@@ -139,7 +201,7 @@ def measure(rt: Runtime, registry: Registry, name: str, requests, rate, clients,
 
 
 # ---------------------------------------------------------------------------------------------------- invariance
-async def mix_outputs(worker: Scheduler, reqs: list[GenerationRequest], offsets: list[float]) -> list[list[int]]:
+async def mix_outputs(worker, reqs: list[GenerationRequest], offsets: list[float]) -> list[list[int]]:
     async def one(req, delay):
         await asyncio.sleep(delay)
         return [t.id async for t in worker.submit(req).tokens()]
@@ -147,11 +209,14 @@ async def mix_outputs(worker: Scheduler, reqs: list[GenerationRequest], offsets:
     return await asyncio.gather(*(one(r, d) for r, d in zip(reqs, offsets)))
 
 
-def invariance(rt: Runtime, registry: Registry, mixes: int, seed: int, max_rows: int) -> tuple[int, int]:
-    """(answers that differ from their solo decode, answers compared) over ``mixes`` random mixes."""
+def invariance(rt: Runtime, registry: Registry, mixes: int, seed: int, max_rows: int, worker=None,
+               run=asyncio.run) -> tuple[int, int]:
+    """(answers that differ from their solo decode, answers compared) over ``mixes`` random mixes, through culign's
+    continuous scheduler or a running ``worker`` (vLLM: its coroutines through ``run``, and left running)."""
     rnd = random.Random(seed)
     prompts = {r: registry.load(r).prompt for r in REGIONS}
-    worker = Scheduler(rt, max_rows=max_rows, max_queue=1024)
+    own = worker is None
+    worker = worker or Scheduler(rt, max_rows=max_rows, max_queue=1024)
     solo_cache: dict[tuple, list[int]] = {}
     differ = compared = 0
     try:
@@ -164,15 +229,16 @@ def invariance(rt: Runtime, registry: Registry, mixes: int, seed: int, max_rows:
                 reqs.append(GenerationRequest(rt.chat_ids([{"role": "user", "content": q}]),
                                               prompts[region] if region else None, rnd.randint(4, 24)))
                 offsets.append(rnd.choice([0.0, 0.0, rnd.uniform(0, 0.3)]))  # some join mid-way
-            outs = asyncio.run(mix_outputs(worker, reqs, offsets))
+            outs = run(mix_outputs(worker, reqs, offsets))
             for req, out, region_q in zip(reqs, outs, [(id(r.soft_prompt), tuple(r.input_ids), r.max_new_tokens)
                                                       for r in reqs]):
                 if region_q not in solo_cache:
-                    solo_cache[region_q] = asyncio.run(mix_outputs(worker, [req], [0.0]))[0]
+                    solo_cache[region_q] = run(mix_outputs(worker, [req], [0.0]))[0]
                 differ += out != solo_cache[region_q]
                 compared += 1
     finally:
-        worker.close()
+        if own:
+            worker.close()
     return differ, compared
 
 
@@ -200,7 +266,10 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--max-rows", type=int, default=16)
-    ap.add_argument("--schedulers", default="continuous,static,one-adapter")
+    ap.add_argument("--schedulers", default="continuous,static,one-adapter", help="culign's engine: which schedulers")
+    ap.add_argument("--engine", default="culign", help="culign, vllm or both (culign,vllm)")
+    ap.add_argument("--vllm-configs", default="fp32-eager,bf16-eager,bf16-compiled",
+                    help=f"vLLM engines to measure: {', '.join(VLLM_CONFIGS)}")
     ap.add_argument("--mixes", type=int, default=64, help="random request mixes for the invariance check (0: skip)")
     ap.add_argument("--dtype", default=None, help="load-test dtype (default: the service's, from the CPU)")
     ap.add_argument("--seed", type=int, default=0)
@@ -219,21 +288,60 @@ def main() -> None:
         registry = registry_for(rt, scratch, 8)
         reqs = workload(args.requests, args.seed, args.min_tokens, args.max_tokens)
         loads = [(f"poisson@{r}", float(r)) for r in args.rates.split(",") if r] + [(f"closed-{args.clients}", None)]
-        names = args.schedulers.split(",")
-        print(f"\n{'workload':<12} {'scheduler':<12} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+        engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+        names = args.schedulers.split(",") if "culign" in engines else []
+        print(f"\n{'workload':<12} {'engine':<18} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
               f"{'ITL p99':>8} {'rows/step':>9}")
+
+        def row(label, name, r):
+            rows = f"{r['rows']:>9.1f}" if name in WORKERS else f"{'-':>9}"
+            print(f"{label:<12} {name:<18} {r['tps']:>7.1f} {r['ttft50']:>8.2f}s {r['ttft99']:>8.2f}s "
+                  f"{1000 * r['itl50']:>6.0f}ms {1000 * r['itl99']:>6.0f}ms {rows}", flush=True)
+
+        res: dict[str, dict] = {}
         for label, rate in loads:
-            res = {}
+            res[label] = {}
             for name in names:
-                res[name] = r = measure(rt, registry, name, reqs, rate, args.clients, args.seed, args.max_rows)
-                print(f"{label:<12} {name:<12} {r['tps']:>7.1f} {r['ttft50']:>8.2f}s {r['ttft99']:>8.2f}s "
-                      f"{1000 * r['itl50']:>6.0f}ms {1000 * r['itl99']:>6.0f}ms {r['rows']:>9.1f}", flush=True)
-            c, s, o = res.get("continuous"), res.get("static"), res.get("one-adapter")
+                res[label][name] = r = measure(rt, registry, name, reqs, rate, args.clients, args.seed,
+                                               args.max_rows)
+                row(label, name, r)
+            c, s, o = (res[label].get(k) for k in ("continuous", "static", "one-adapter"))
             if c and s:
                 print(f"{'':<12} continuous vs static: TTFT p99 {100 * c['ttft99'] / s['ttft99']:.0f} % (goal <= 25 %), "
                       f"throughput {c['tps'] / s['tps']:.2f}x (goal >= 1)" +
                       (f"; vs one-adapter {c['tps'] / o['tps']:.2f}x (goal >= 3x)" if o else ""), flush=True)
-        if args.mixes:
+        starts = {}
+        if names:
+            starts["culign"] = f"culign engine: RSS {rss_mb():.0f} MB (this process)"
+        vllm_agreement = {}
+        if "vllm" in engines:
+            rt32 = rt if rt.dtype == torch.float32 else load_runtime(dtype="float32")  # embeddings for vLLM
+            for config in [c for c in args.vllm_configs.split(",") if c]:
+                loop = Loop()
+                vllm, started = start_vllm(rt32, config, args.max_rows, loop)
+                name = f"vllm-{config}"
+                for label, rate in loads:
+                    res[label][name] = r = measure(rt32, registry, name, reqs, rate, args.clients, args.seed,
+                                                   args.max_rows, worker=vllm, run=loop.run)
+                    row(label, name, r)
+                starts[name] = f"{name}: start {started:.1f} s, RSS {rss_mb():.0f} MB (process + engine core)"
+                if args.mixes:
+                    vllm_agreement[name] = invariance(rt32, registry, args.mixes, args.seed, min(8, args.max_rows),
+                                                      worker=vllm, run=loop.run)
+                vllm.close()
+                loop.close()
+        for line in starts.values():
+            print(line, flush=True)
+        for label in res:
+            c = res[label].get("continuous")
+            for name, r in res[label].items():
+                if c and name.startswith("vllm"):
+                    print(f"{label:<12} {name} vs culign's continuous: throughput {r['tps'] / c['tps']:.2f}x, "
+                          f"TTFT p99 {r['ttft99'] / c['ttft99']:.2f}x", flush=True)
+        for name, (differ, compared) in vllm_agreement.items():
+            print(f"batch invariance ({name}): {differ} of {compared} greedy answers differ from their solo decode "
+                  f"over {args.mixes} random mixes", flush=True)
+        if args.mixes and names:
             for dtype in ("float32", "bfloat16"):
                 rt_d = rt if str(rt.dtype).endswith(dtype) else load_runtime(dtype=dtype)
                 torch.set_num_threads(COMPUTE_THREADS)
