@@ -292,3 +292,25 @@ def test_a_region_the_scan_refused_is_answered_with_the_reason(tiny_runtime, tmp
         assert "KE@1" in str(e.value) and "refused" in str(e.value)
     with pytest.raises(AdapterNotFound):
         cache.lookup(RegionSpec("KE", 2))
+
+
+def test_api_key_grants_are_checked_before_the_registry(engine):
+    """A region outside the caller's grant is a 403 naming where it came from, known to the registry or not; the
+    base model needs its own grant; /v1/models lists what the grant allows."""
+    us_only = lambda region: region == "US"
+
+    async def go():
+        ok = await engine.chat_completions(ChatCompletionRequest(**hi(model="US")), [], allow=us_only)
+        alias = await engine.chat(ChatRequest(**hi()), ["china"], allow=us_only)
+        unknown = await engine.chat(ChatRequest(**hi()), ["Atlantis"], allow=us_only)
+        base = await engine.chat(ChatRequest(**hi()), [], allow=us_only)
+        base_ok = await engine.chat(ChatRequest(**hi()), [], allow=lambda r: r is None)
+        models = await engine.models(allow=us_only)
+        return ok, alias, unknown, base, base_ok, models
+    ok, alias, unknown, base, base_ok, models = run(go())
+    assert ok.status == 200
+    assert (alias.status, alias.body["error"]["param"]) == (403, "X-Culign-Region")
+    assert (unknown.status, unknown.body["error"]["param"]) == (403, "X-Culign-Region")  # no 404: nothing leaks
+    assert base.status == 403 and "base model" in base.body["error"]["message"]
+    assert base_ok.status == 200
+    assert [m["id"] for m in models.body["data"]] == ["US"]

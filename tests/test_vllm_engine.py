@@ -162,3 +162,35 @@ def test_queue_bound_is_culigns(vllm_engine):
     while vllm_engine._active:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_chat_engine_on_vllm_answers_429_past_the_bound(vllm_engine, tmp_path):
+    """culign's chat engine in front of vLLM: 8 streams fill 4 rows and 4 waiting places; the 9th request is a 429
+    with Retry-After, before any vLLM request is made for it."""
+    from culign.serving import ChatCompletionRequest, ChatEngine
+    from culign.settings import ServiceSettings
+
+    reg = Registry("adapters")
+    chat = ChatEngine(vllm_engine.runtime, reg, ServiceSettings(adapters=reg.root, max_tokens=512),
+                      worker=vllm_engine)
+    body = lambda n, stream: ChatCompletionRequest(messages=[{"role": "user", "content": "Count to a thousand."}],
+                                                   max_tokens=n, stream=stream, model="US")
+
+    async def go():
+        streams = [await chat.chat_completions(body(400, True), []) for _ in range(8)]
+        assert all(s.status == 200 for s in streams)
+        refused = await chat.chat_completions(body(2, False), [])
+        for s in streams:
+            await s.stream.aclose()  # never read: the jobs are cancelled through ChatEngine's own path below
+        return refused
+    try:
+        refused = vllm_engine.test_loop.run(go())
+    finally:
+        for job in list(vllm_engine._active):
+            job.cancel()
+    assert refused.status == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert refused.body["error"]["type"] == "rate_limit_error"
+    deadline = time.monotonic() + 30
+    while vllm_engine._active:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
