@@ -119,6 +119,19 @@ def _cpu_bf16_native() -> bool:
     return _bf16_probe()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's ISA flags from /proc/cpuinfo (empty off Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def _bf16_probe() -> bool:
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):

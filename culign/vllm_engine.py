@@ -34,8 +34,8 @@ _ids = itertools.count()
 
 
 def vllm_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """The default is the invariant choice on CPU: float32 (bf16 on CPU gave 5-6 of 8 answers that differ alone and
-    batched; vLLM's batch-invariant mode needs Triton, i.e. a GPU). On CUDA, bf16."""
+    """The default is the invariant choice on CPU: float32 (bf16 on CPU: 9 of 76 answers differ alone and batched;
+    vLLM's batch-invariant mode needs Triton, i.e. a GPU). On CUDA, bf16 (invariant only with VLLM_BATCH_INVARIANT=1)."""
     from .runtime import parse_dtype
 
     if dtype in (None, "", "auto"):
@@ -114,12 +114,12 @@ class VllmEngine:
     def invariance(self) -> Invariance:
         name = str(self.dtype).replace("torch.", "")
         if self.dtype == torch.float32 and self.device == "cpu":
-            return Invariance(True, "vLLM float32 on CPU: greedy answers the same alone and batched "
-                                    "(tests/test_vllm_engine.py; 8 of 8 in the issue's check)")
+            return Invariance(True, "vLLM float32 on CPU: greedy answers the same alone and batched (0 of 76 "
+                                    "differed, bench/serve.py; tests/test_vllm_engine.py)")
         if os.environ.get("VLLM_BATCH_INVARIANT") == "1" and self.device != "cpu":
             return Invariance(True, f"vLLM {name} with VLLM_BATCH_INVARIANT=1 (its GPU batch-invariant kernels)")
         return Invariance(False, f"vLLM {name} on {self.device}: batched kernels round differently from a request "
-                                 "alone (bf16 on CPU: 5-6 of 8 greedy answers differed); use float32, or "
+                                 "alone (bf16 on CPU: 9 of 76 greedy answers differed); use float32, or "
                                  "VLLM_BATCH_INVARIANT=1 on a GPU")
 
     def alive(self) -> bool:
