@@ -9,8 +9,9 @@ region and the base model)::
     9b71...0c US,CN      # only US and CN (not the bare model)
     51d2...7a base CN    # the bare model and CN
 
-An entry is made with ``printf %s "$KEY" | sha256sum``. Keys never appear in the file or in a log line; a presented key is hashed and compared against every stored hash with
-``hmac.compare_digest`` (no early exit), so the time taken says nothing about how close a guess was.
+An entry is made with ``printf %s "$KEY" | sha256sum``. Keys never appear in the file or in a log line; a presented
+key is hashed and compared against every stored hash with ``hmac.compare_digest`` (no early exit), so the time
+taken says nothing about how close a guess was.
 
 Knows nothing of HTTP: service.py turns :class:`AuthError` into a 401 and a region outside the key's into a 403.
 """

@@ -35,7 +35,8 @@ _ids = itertools.count()
 
 def vllm_dtype(dtype: str | None, device: str) -> torch.dtype:
     """The default is the invariant choice on CPU: float32 (bf16 on CPU: 9 of 76 answers differ alone and batched;
-    vLLM's batch-invariant mode needs Triton, i.e. a GPU). On CUDA, bf16 (invariant only with VLLM_BATCH_INVARIANT=1)."""
+    vLLM's batch-invariant mode needs Triton, i.e. a GPU). On CUDA, bf16 (invariant only with
+    VLLM_BATCH_INVARIANT=1)."""
     from .runtime import parse_dtype
 
     if dtype in (None, "", "auto"):
