@@ -40,10 +40,12 @@ image: setup  ## the serving image, built and run here with no registry (root; d
 	bash deploy/build-image.sh
 
 # The reliability suite (docs/reliability.md): a live server on 127.0.0.1 over a copy of adapters/, the hostile corpus
-# and schema fuzzing, 16 clients for 60 s, dropped streams, registry faults, training killed at 5 points. ~10 min.
+# and schema fuzzing, 16 clients for 60 s, dropped streams, registry faults, training killed at 5 points, each
+# against both engines (culign, vLLM), plus the API-key cases on a keyed server. ~10 min per engine (vLLM: not
+# timed end to end here).
 .PHONY: reliability
 reliability: setup
 	@mkdir -p runs && rm -f runs/reliability.jsonl
 	CULIGN_RELIABILITY_OUT=$(CURDIR)/runs/reliability.jsonl CULIGN_RELIABILITY_FULL=1 $(BIN)/pytest -q -m reliability \
-		-rxX tests/test_reliability.py tests/test_reliability_live.py tests/test_kill_resume.py; \
+		-rxX tests/test_reliability.py tests/test_reliability_live.py tests/test_api_keys.py tests/test_kill_resume.py; \
 		status=$$?; $(BIN)/python -m reliability.summary runs/reliability.jsonl; exit $$status

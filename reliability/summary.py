@@ -40,6 +40,10 @@ def table(rows: list[dict]) -> str:
              and not r.get("5xx") else not r.get("5xx") and not r.get("hang"))
         if r.get("failed"):
             line("  ...of which off-contract", f"{r['failed']} (xfail: known engine defects, see below)", True)
+    for r in by["auth"]:
+        engine[""] = f"[{r['engine']}] " if r.get("engine") else ""
+        line("API-key cases (keyed server)", f"{r['cases']} cases: 4xx {r.get('4xx', 0)}, 5xx {r.get('5xx', 0)}, "
+             f"hangs {r.get('hang', 0)}, off-contract {r['failed']}", not r["failed"])
     for r in by["fuzz"]:
         engine[""] = f"[{r['engine']}] " if r.get("engine") else ""
         line(f"schemathesis {r['mode']} {r['path']}", f"{r['cases']} cases: 2xx {r.get('2xx', 0)}, 4xx "

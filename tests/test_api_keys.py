@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections import Counter
 
 import pytest
 
@@ -83,6 +84,7 @@ def keyed(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"keyed-{request.param}")
     with serve(tmp, copy_registry(tmp / "adapters", versions=(1,)), CULIGN_API_KEYS=str(keys_file(tmp)),
                CULIGN_DTYPE="float32", CULIGN_ENGINE=request.param) as srv:
+        srv.engine = request.param  # for the records
         yield srv
 
 
@@ -136,15 +138,27 @@ def test_probes_and_metrics_need_no_key_and_keys_are_never_logged(keyed):
 
 @pytest.mark.server
 @pytest.mark.real
+@pytest.mark.reliability
+@pytest.mark.reliability_quick
 def test_hostile_auth_cases(keyed):
+    """The hostile corpus's auth cases (reliability/corpus.auth_cases); part of make reliability too."""
     import httpx
 
     from reliability.corpus import auth_cases
+    from reliability.harness import record
     from reliability.hostile import problems, send
 
     cases = auth_cases(KEY_US)
     assert len(cases) >= 40
+    outcomes = Counter()
     with httpx.Client() as c:
-        found = {case.id: p for case in cases if (p := problems(case, send(c, keyed.url, case)))}
+        found = {}
+        for case in cases:
+            out = send(c, keyed.url, case)
+            outcomes[out.klass] += 1
+            if p := problems(case, out):
+                found[case.id] = p
+    record("auth", engine=keyed.engine, cases=len(cases), **dict(outcomes), failed=len(found),
+           failures=[f"{k}: {v[0]}" for k, v in found.items()][:20])
     assert not found, found
     assert not re.search(r"status=5\d\d", keyed.log()), "a request got a 5xx"
