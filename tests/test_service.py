@@ -62,10 +62,10 @@ def save(root: Path, rt: Runtime, region: str, seed: int, **overrides) -> None:
 
 
 @pytest.fixture(scope="module")
-def registry_root(tmp_path_factory, fp32) -> Path:
+def registry_root(tmp_path_factory, fp32, engine) -> Path:
     """Version 1 of each region of the committed registry (adapters/), copied, so tests may add and break
     adapters freely and know which version is the latest; a region the repository has no adapter for gets a
-    random prompt."""
+    random prompt. One copy per engine: each engine's server starts from the same registry."""
     root = tmp_path_factory.mktemp("adapters")
     committed = Registry(REPO / "adapters")
     have = set(committed.regions())
