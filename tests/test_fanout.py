@@ -161,3 +161,87 @@ def test_bad_fanout_input_is_a_usage_error_and_writes_nothing(args, words, tmp_p
     assert r.returncode == 2, r.stdout + r.stderr
     assert words in r.stderr and "Traceback" not in r.stderr
     assert not reg.exists()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    pytest.importorskip("s3fs")
+    from reliability.backends import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("weed")) as server:
+        server.make_bucket("fanout")
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)  # the driver's AWS environment travels to the tasks
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _kill_at(boards, region, generation, killed):
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not killed:
+        if boards:
+            snap = ray.get(boards[0].snapshot.remote()).get(region, {})
+            if snap.get("generation", 0) >= generation and snap.get("attempt") == 1:
+                kill_task_worker(snap["pid"])
+                killed.update(snap)
+        time.sleep(0.05)
+
+
+@pytest.mark.s3
+def test_checkpoints_and_adapters_on_s3_survive_a_killed_worker(cluster, s3, tiny_model_dir, tmp_path):
+    """Nothing shared on disk: the registry and the checkpoints are S3 URLs, the retry reads the checkpoint back."""
+    from culign.registry import open_registry
+
+    settings = _settings(budget=40, popsize=8)
+    threads = torch.get_num_threads()
+    try:
+        (alone,) = run_sequential([_job("SA", tiny_model_dir, tmp_path / "alone", tmp_path / "a", settings=settings)])
+    finally:
+        torch.set_num_threads(threads)
+    job = RegionJob(resolve("SA"), settings, "s3://fanout/adapters", tiny_model_dir, "cpu", "float32",
+                    checkpoint_dir="s3://fanout/checkpoints", threads=1)
+    boards, killed = [], {}
+    t = threading.Thread(target=_kill_at, args=(boards, "SA", 2, killed), daemon=True)
+    t.start()
+    os.environ["CULIGN_FANOUT_TEST_PAUSE_S"] = "0.5"
+    try:
+        (res,) = fan_out([job], ray_address=cluster, cpus_per_region=1, started=boards.append)
+    finally:
+        os.environ.pop("CULIGN_FANOUT_TEST_PAUSE_S", None)
+    assert killed and res.ok and res.attempts == 2, (killed, res)
+    loaded = open_registry("s3://fanout/adapters", cache_dir=tmp_path / "c").load("SA")
+    assert loaded.info.ref == res.adapter == "SA@1"
+    assert loaded.provenance["report"]["resumed_from_generation"] >= 2
+    assert (Path(alone.adapter_path) / "adapter_model.safetensors").read_bytes() == \
+        (loaded.info.path / "adapter_model.safetensors").read_bytes()
+    import s3fs
+
+    assert s3fs.S3FileSystem(skip_instance_cache=True).glob("fanout/checkpoints/SA-*") == []  # done: cleaned
+
+
+def test_ctrl_c_keeps_every_checkpoint_and_resume_finishes_them(cluster, tiny_model_dir, tmp_path):
+    import signal
+
+    reg, ck = tmp_path / "reg", tmp_path / "ck"
+    args = ["train", "--regions", "US,CN", "--ray-address", cluster, "--model", tiny_model_dir, "--tokens", "2",
+            "--dim", "4", "--popsize", "8", "--budget", "48", "--adapters-dir", str(reg), "--checkpoint-dir",
+            str(ck), "--no-progress", "--json", *PRESENTATIONS]
+    proc = subprocess.Popen([sys.executable, "-m", "culign.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CULIGN_FANOUT_TEST_PAUSE_S": "1"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(ck.glob("*.json"))) < 2:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    assert sorted(p.name.split("-")[0] for p in ck.glob("*.json")) == ["CN", "US"]  # both checkpoints kept
+    r = _cli("train", *args[1:], "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    done = json.loads(r.stdout)
+    assert all(x["ok"] and not x["interrupted"] for x in done)
+    assert not list(ck.glob("*.json"))  # finished runs clean up their checkpoints

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import pytest
 
@@ -58,11 +59,11 @@ def test_a_replica_follows_the_store_and_survives_its_outage(tmp_path):
         saved = {k: os.environ.get(k) for k in store.env}
         os.environ.update(store.env)
         try:
-            url = "s3://replicas/registry"
+            url = f"s3://replicas/{uuid.uuid4().hex[:8]}"  # the replica's local cache is keyed by URL: a fresh one
             publisher = ObjectRegistry(url, cache_dir=tmp_path / "publisher-cache")
             assert _publish(publisher, "US", 1).ref == "US@1"
-            with serve(tmp_path / "srv", url, CULIGN_RESCAN_SECONDS=1, CULIGN_CACHE=tmp_path / "replica-cache",
-                       **store.env) as server:
+            (tmp_path / "srv").mkdir()
+            with serve(tmp_path / "srv", url, CULIGN_RESCAN_SECONDS=1, **store.env) as server:
                 assert _served(server) == (200, "US@1")
                 # a new version is served without a restart, within the rescan period
                 assert _publish(publisher, "US", 2).ref == "US@2"
@@ -81,7 +82,7 @@ def test_a_replica_follows_the_store_and_survives_its_outage(tmp_path):
                 assert server.log().count("serving the last good listing") == 1  # warned once per outage
                 # ... and it comes back: the metric clears and a version published now is served
                 store.start()
-                assert _until(lambda: _metric(server, "culign_registry_unreachable") == 0.0, 60)
+                assert _until(lambda: _served(server) and _metric(server, "culign_registry_unreachable") == 0.0, 60)
                 assert _publish(publisher, "US", 1).ref == "US@4"  # 3 stays claimed, never reused
                 assert _until(lambda: _served(server) == (200, "US@4"))
                 assert "registry reachable again" in server.log()
