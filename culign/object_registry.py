@@ -25,17 +25,14 @@ import os
 import re
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from .registry import (PEFT_CONFIG_FILE, PROVENANCE_FILE, REFUSAL_WORDS, REGION_NAME_RE, VERSION_DIR_RE,
-                       WEIGHTS_FILE, AdapterCorrupt, AdapterIncompatible, AdapterInfo, AdapterNotFound,
-                       LoadedAdapter, RegistryError, RegistryUnavailable, ScanWarning, _check_files, _check_prompt, _check_region,
-                       _check_version, _compatibility_problems, _culign_version, _dumps, _int_or_none, _Invalid,
-                       _read_info, _read_weights, _safetensors_bytes, peft_config)
+                       WEIGHTS_FILE, AdapterCorrupt, AdapterInfo, AdapterNotFound, LoadedAdapter, RegistryError,
+                       RegistryUnavailable, ScanWarning, _check_region, _check_version, _dumps, _Invalid, _read_info,
+                       checked_load, new_version, problems_of)
 
 log = logging.getLogger("culign.registry")
 
@@ -281,14 +278,18 @@ class ObjectRegistry:
     def resolve(self, region: str, version: int | None = None) -> AdapterInfo:
         return self._resolve(region, version)[0]
 
-    def _resolve(self, region: str, version: int | None) -> tuple[AdapterInfo, dict]:
+    def _published(self, region: str, version: int | None) -> tuple[dict[str, dict], str, list[int]]:
+        """(listing, the region's own spelling, its versions with a manifest); AdapterNotFound if it has none."""
         _check_version(version)
         _check_region(region)
         listing = self._listing()
         name = self._region_name(region, listing)
         if name is None:
             raise self._not_found(f"no adapter for region {region!r}")
-        published = sorted(v for v, names in self._versions(listing)[name].items() if MANIFEST_FILE in names)
+        return listing, name, sorted(v for v, names in self._versions(listing)[name].items() if MANIFEST_FILE in names)
+
+    def _resolve(self, region: str, version: int | None) -> tuple[AdapterInfo, dict]:
+        listing, name, published = self._published(region, version)
         if version is None:
             reasons = []
             for v in reversed(published):
@@ -331,13 +332,7 @@ class ObjectRegistry:
                 raise
             info, prov = cached
             log.warning("registry %s unreachable: loading %s from the verified local copy", self.url, info.ref)
-        for problem in _compatibility_problems(info, hidden_size, base_fingerprint, allow_base_mismatch):
-            raise AdapterIncompatible(f"adapter {info.ref} is incompatible: {problem}")
-        try:
-            prompt = _read_weights(info, prov["weights_sha256"])
-        except _Invalid as e:
-            raise AdapterCorrupt(f"adapter {info.ref} is refused as corrupt: {e} ({self.url})") from None
-        return LoadedAdapter(info=info, prompt=prompt, provenance=prov)
+        return checked_load(info, prov, hidden_size, base_fingerprint, allow_base_mismatch)
 
     def verify(self, region: str, version: int | None = None, *, hidden_size: int | None = None,
                base_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> list[str]:
@@ -347,35 +342,16 @@ class ObjectRegistry:
             info, prov = self._resolve(region, version)
         except AdapterCorrupt as e:
             return [str(e)]
-        problems = [f"adapter {info.ref} is incompatible: {p}"
-                    for p in _compatibility_problems(info, hidden_size, base_fingerprint, allow_base_mismatch)]
-        try:
-            _read_weights(info, prov["weights_sha256"])
-        except _Invalid as e:
-            problems.append(f"adapter {info.ref} is refused as corrupt: {e}")
-        return problems
+        return problems_of(info, prov, hidden_size, base_fingerprint, allow_base_mismatch)
 
     # ------------------------------------------------------------------ write
     def save(self, region: str, prompt: torch.Tensor, *, base_model: str, base_fingerprint: str,
              provenance: dict, files: dict[str, bytes] | None = None, num_layers: int | None = None,
              num_attention_heads: int | None = None) -> AdapterInfo:
         """Publish the next version of ``region``: claim a number (create-only), upload, write the manifest last."""
-        _check_region(region)
-        values = _check_prompt(prompt)
-        extra = _check_files(files)
-        if not isinstance(provenance, Mapping):
-            raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
-        n, dim = values.shape
-        weights = _safetensors_bytes(values)
-        config = peft_config(n, dim, base_model, num_layers=_int_or_none(num_layers, provenance.get("num_layers")),
-                             num_attention_heads=_int_or_none(num_attention_heads,
-                                                              provenance.get("num_attention_heads")))
-        stamped = {**provenance, "base_model": base_model, "base_fingerprint": base_fingerprint,
-                   "num_virtual_tokens": n, "token_dim": dim, "dtype": "float32",
-                   "culign_version": _culign_version(),
-                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "weights_sha256": _sha(weights)}
-        _dumps({**stamped, "region": region, "version": 1})  # fail on unserialisable provenance before any write
+        v = new_version(region, prompt, base_model, base_fingerprint, provenance, files, num_layers,
+                        num_attention_heads)
+        weights, config, stamped, extra, (n, dim) = v.weights, v.config, v.stamped, v.extra, v.shape
         listing = self._listing()
         name = self._region_name(region, listing) or region
         claimed = self._versions(listing).get(name, {})
@@ -403,13 +379,7 @@ class ObjectRegistry:
     def remove(self, region: str, version: int | None = None) -> list[AdapterInfo]:
         """Delete the manifest first (the version disappears whole), then its files; the claim stays, so the number
         is never reused. Versions whose manifest is broken are removed too (reported with empty metadata)."""
-        _check_version(version)
-        _check_region(region)
-        listing = self._listing()
-        name = self._region_name(region, listing)
-        if name is None:
-            raise self._not_found(f"no adapter for region {region!r}")
-        published = sorted(v for v, names in self._versions(listing)[name].items() if MANIFEST_FILE in names)
+        listing, name, published = self._published(region, version)
         if version is not None and version not in published:
             raise AdapterNotFound(f"adapter {name}@{version} not found; versions: {published}", self.regions())
         if not published:

@@ -103,6 +103,20 @@ class S3Server:
                 self.proc.wait(10)
         self.proc = None
 
+    @contextmanager
+    def exported(self):
+        """This server's AWS variables in os.environ (what s3fs and culign read), restored afterwards."""
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def make_bucket(self, name: str) -> None:
         import s3fs
 

@@ -89,28 +89,8 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_adapter(cluster, tin
                                         settings=settings)])
     finally:
         torch.set_num_threads(threads)
-    boards, killed = [], {}
-
-    def killer():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            if boards:
-                snap = ray.get(boards[0].snapshot.remote()).get("IN", {})
-                if snap.get("generation", 0) >= 2 and snap.get("attempt") == 1:
-                    kill_task_worker(snap["pid"])
-                    killed.update(snap)
-            time.sleep(0.05)
-
-    # the test seam: each generation waits a little, so the kill lands mid-run and not after the last one
     job = _job("IN", tiny_model_dir, tmp_path / "fan", tmp_path / "f", settings=settings)
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    os.environ["CULIGN_FANOUT_TEST_PAUSE_S"] = "0.5"
-    try:
-        (res,) = fan_out([job], ray_address=cluster, cpus_per_region=1, started=boards.append)
-    finally:
-        os.environ.pop("CULIGN_FANOUT_TEST_PAUSE_S", None)
-    t.join(5)
+    res, killed = _run_and_kill(job, cluster, at_generation=2)
     assert killed, "the worker was never killed"
     assert res.ok, res.error
     assert res.attempts == 2  # Ray retried the task once, on a fresh worker
@@ -172,15 +152,24 @@ def s3(tmp_path_factory):
     pytest.importorskip("s3fs")
     from reliability.backends import seaweedfs
 
-    with seaweedfs(tmp_path_factory.mktemp("weed")) as server:
+    with seaweedfs(tmp_path_factory.mktemp("weed")) as server, server.exported():  # travels to the tasks
         server.make_bucket("fanout")
-        saved = {k: os.environ.get(k) for k in server.env}
-        os.environ.update(server.env)  # the driver's AWS environment travels to the tasks
-        try:
-            yield server
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield server
+
+
+def _run_and_kill(job, cluster, at_generation):
+    """Fan out one job and SIGKILL its worker once the search has checkpointed ``at_generation`` generations. The
+    test seam makes each generation wait 0.5 s, so the kill lands mid-run and not after the last one."""
+    boards, killed = [], {}
+    t = threading.Thread(target=_kill_at, args=(boards, job.target.key, at_generation, killed), daemon=True)
+    t.start()
+    os.environ["CULIGN_FANOUT_TEST_PAUSE_S"] = "0.5"
+    try:
+        (res,) = fan_out([job], ray_address=cluster, cpus_per_region=1, started=boards.append)
+    finally:
+        os.environ.pop("CULIGN_FANOUT_TEST_PAUSE_S", None)
+    t.join(5)
+    return res, killed
 
 
 def _kill_at(boards, region, generation, killed):
@@ -207,14 +196,7 @@ def test_checkpoints_and_adapters_on_s3_survive_a_killed_worker(cluster, s3, tin
         torch.set_num_threads(threads)
     job = RegionJob(resolve("SA"), settings, "s3://fanout/adapters", tiny_model_dir, "cpu", "float32",
                     checkpoint_dir="s3://fanout/checkpoints", threads=1)
-    boards, killed = [], {}
-    t = threading.Thread(target=_kill_at, args=(boards, "SA", 2, killed), daemon=True)
-    t.start()
-    os.environ["CULIGN_FANOUT_TEST_PAUSE_S"] = "0.5"
-    try:
-        (res,) = fan_out([job], ray_address=cluster, cpus_per_region=1, started=boards.append)
-    finally:
-        os.environ.pop("CULIGN_FANOUT_TEST_PAUSE_S", None)
+    res, killed = _run_and_kill(job, cluster, at_generation=2)
     assert killed and res.ok and res.attempts == 2, (killed, res)
     loaded = open_registry("s3://fanout/adapters", cache_dir=tmp_path / "c").load("SA")
     assert loaded.info.ref == res.adapter == "SA@1"

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,18 +24,9 @@ BUCKET = "culign-test"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    with seaweedfs(tmp_path_factory.mktemp("weed")) as server:
+    with seaweedfs(tmp_path_factory.mktemp("weed")) as server, server.exported():
         server.make_bucket(BUCKET)
-        saved = {k: os.environ.get(k) for k in server.env}
-        os.environ.update(server.env)
-        try:
-            yield server
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        yield server
 
 
 @pytest.fixture()
@@ -200,5 +190,5 @@ def test_cli_bad_stores_are_usage_errors(args, env, words, s3, tmp_path):
     assert words in r.stderr and "Traceback" not in r.stderr
     assert "nope" not in r.stderr and SECRET_KEY not in r.stderr
     if "unreachable" in words:  # train checks the store before it loads a model: nothing trained or written
-        r = _cli("train", "--region", "US", "--budget", "8", "--no-progress", *args, env=env)
+        r = _cli("train", "--region", "US", "--budget", "32", "--popsize", "16", "--no-progress", *args, env=env)
         assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr, r.stderr
