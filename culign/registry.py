@@ -65,6 +65,10 @@ class AdapterIncompatible(RegistryError):
     pass
 
 
+class RegistryUnavailable(RegistryError):
+    """An object-store registry could not be reached or refused the credentials (the message holds no secret)."""
+
+
 class _Invalid(Exception):
     """A reason an on-disk entry is unusable; turned into AdapterCorrupt or a scan warning by the caller.
 
@@ -413,7 +417,48 @@ def _versions_on_disk(region_dir: Path) -> list[int]:
         return []
 
 
+@dataclass(frozen=True)
+class NewVersion:
+    """A version's files before it is published (the same for a folder and for an object store)."""
+    weights: bytes
+    config: dict
+    stamped: dict  # culign.json without region and version (the publisher stamps those)
+    extra: dict[str, bytes]
+    shape: tuple[int, int]
+
+
+def new_version(region: str, prompt: torch.Tensor, base_model: str, base_fingerprint: str, provenance: Mapping,
+                files: Mapping[str, bytes] | None, num_layers: int | None, num_attention_heads: int | None
+                ) -> NewVersion:
+    """Check what a save was given and build the version's files; raises before anything is written."""
+    _check_region(region)
+    values = _check_prompt(prompt)
+    extra = _check_files(files)
+    if not isinstance(provenance, Mapping):
+        raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
+    n, dim = values.shape
+    weights = _safetensors_bytes(values)
+    config = peft_config(n, dim, base_model, num_layers=_int_or_none(num_layers, provenance.get("num_layers")),
+                         num_attention_heads=_int_or_none(num_attention_heads, provenance.get("num_attention_heads")))
+    stamped = {**provenance, "base_model": base_model, "base_fingerprint": base_fingerprint,
+               "num_virtual_tokens": n, "token_dim": dim, "dtype": SAVED_DTYPE, "culign_version": _culign_version(),
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    _dumps({**stamped, "region": region, "version": 1})  # fail on unserialisable provenance before any write
+    return NewVersion(weights, config, stamped, extra, (n, dim))
+
+
 # ---------------------------------------------------------------------------------------------------- registry
+def open_registry(root: "str | Path", cache_dir: "str | Path | None" = None):
+    """The registry at ``root``: a local folder (:class:`Registry`) or an object-store URL such as
+    ``s3://bucket/prefix`` (:class:`culign.object_registry.ObjectRegistry`); both have the same methods."""
+    from .object_registry import ObjectRegistry, is_url
+
+    if is_url(str(root)):
+        return ObjectRegistry(str(root), cache_dir)
+    return Registry(str(root).removeprefix("file://"))
+
+
 class Registry:
     """Soft prompts per region and version under one root folder. Holds no state besides the root, so any
     number of Registry objects and processes can share a root."""
@@ -459,22 +504,9 @@ class Registry:
         ``num_layers`` / ``num_attention_heads`` (default: the provenance keys of those names) only fill PEFT's
         config; PEFT takes them from the base model when they are absent.
         """
-        _check_region(region)
-        values = _check_prompt(prompt)
-        extra = _check_files(files)
-        if not isinstance(provenance, Mapping):
-            raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
-        n, dim = values.shape
-        weights = _safetensors_bytes(values)
-        config = peft_config(n, dim, base_model, num_layers=_int_or_none(num_layers, provenance.get("num_layers")),
-                             num_attention_heads=_int_or_none(num_attention_heads,
-                                                              provenance.get("num_attention_heads")))
-        stamped = {**provenance, "base_model": base_model, "base_fingerprint": base_fingerprint,
-                   "num_virtual_tokens": n, "token_dim": dim, "dtype": SAVED_DTYPE,
-                   "culign_version": _culign_version(),
-                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "weights_sha256": hashlib.sha256(weights).hexdigest()}
-        _dumps({**stamped, "region": region, "version": 1})  # fail on unserialisable provenance before any write
+        v = new_version(region, prompt, base_model, base_fingerprint, provenance, files, num_layers,
+                        num_attention_heads)
+        weights, config, stamped, extra, (n, dim) = v.weights, v.config, v.stamped, v.extra, v.shape
 
         region_dir = self._prepare_region_dir(region)
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=region_dir))
@@ -612,14 +644,7 @@ class Registry:
     def load(self, region: str, version: int | None = None, *, hidden_size: int | None = None,
              base_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> LoadedAdapter:
         """Read and check an adapter: compatibility with the caller's model first (cheap), then integrity."""
-        info, prov = self._resolve(region, version)
-        for problem in _compatibility_problems(info, hidden_size, base_fingerprint, allow_base_mismatch):
-            raise AdapterIncompatible(f"adapter {info.ref} is incompatible: {problem}")
-        try:
-            prompt = _read_weights(info, prov["weights_sha256"])
-        except _Invalid as e:
-            raise AdapterCorrupt(f"adapter {info.ref} is refused as corrupt: {e} ({info.path})") from None
-        return LoadedAdapter(info=info, prompt=prompt, provenance=prov)
+        return checked_load(*self._resolve(region, version), hidden_size, base_fingerprint, allow_base_mismatch)
 
     def verify(self, region: str, version: int | None = None, *, hidden_size: int | None = None,
                base_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> list[str]:
@@ -631,13 +656,8 @@ class Registry:
             info, prov = self._resolve(region, version)
         except AdapterCorrupt as e:
             return [str(e)]
-        problems = [f"adapter {info.ref} is incompatible: {p}"
-                    for p in _compatibility_problems(info, hidden_size, base_fingerprint, allow_base_mismatch)]
-        try:
-            _read_weights(info, prov["weights_sha256"])
-        except _Invalid as e:
-            problems.append(f"adapter {info.ref} is refused as corrupt: {e}")
-        return problems  # a folder whose culign.json names another region or version failed in _resolve already
+        # a folder whose culign.json names another region or version failed in _resolve already
+        return problems_of(info, prov, hidden_size, base_fingerprint, allow_base_mismatch)
 
     # ------------------------------------------------------------------ remove
     def remove(self, region: str, version: int | None = None) -> list[AdapterInfo]:
@@ -671,6 +691,30 @@ class Registry:
         shutil.rmtree(trash, ignore_errors=True)
         log.info("removed adapter %s", ref)
         return info
+
+
+def checked_load(info: AdapterInfo, prov: dict, hidden_size: int | None, base_fingerprint: str | None,
+                 allow_base_mismatch: bool) -> LoadedAdapter:
+    """A resolved version's prompt: compatibility with the caller's model first (cheap), then integrity."""
+    for problem in _compatibility_problems(info, hidden_size, base_fingerprint, allow_base_mismatch):
+        raise AdapterIncompatible(f"adapter {info.ref} is incompatible: {problem}")
+    try:
+        prompt = _read_weights(info, prov["weights_sha256"])
+    except _Invalid as e:
+        raise AdapterCorrupt(f"adapter {info.ref} is refused as corrupt: {e} ({info.path})") from None
+    return LoadedAdapter(info=info, prompt=prompt, provenance=prov)
+
+
+def problems_of(info: AdapterInfo, prov: dict, hidden_size: int | None, base_fingerprint: str | None,
+                allow_base_mismatch: bool) -> list[str]:
+    """Everything checked_load() would refuse a resolved version for; [] when sound."""
+    problems = [f"adapter {info.ref} is incompatible: {p}"
+                for p in _compatibility_problems(info, hidden_size, base_fingerprint, allow_base_mismatch)]
+    try:
+        _read_weights(info, prov["weights_sha256"])
+    except _Invalid as e:
+        problems.append(f"adapter {info.ref} is refused as corrupt: {e}")
+    return problems
 
 
 def _compatibility_problems(info: AdapterInfo, hidden_size: int | None, base_fingerprint: str | None,
