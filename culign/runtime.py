@@ -529,6 +529,121 @@ class Runtime:
                 out[g].append(logits.log_softmax(-1)[:, opt].view(b, Q, len(opt)))
         return [torch.cat(parts) for parts in out]
 
+    @torch.inference_mode()
+    def continuation_logprobs(self, shared_ids: Sequence[int],
+                              groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]],
+                                                     Sequence[Sequence[Sequence[int]]]]],
+                              soft_prompts: torch.Tensor | None, block: int = DEFAULT_BLOCK) -> list[torch.Tensor]:
+        """Label read-out: the log-likelihood of each continuation after ``[soft prompt][shared][prefix][suffix]``.
+
+        ``groups`` is a list of (group prefix, suffixes, continuations) with ``continuations[q]`` the K token-id
+        lists scored after suffix q. The result has one ``[S, Q_g, K]`` tensor (float32) per group: the sum over a
+        continuation's tokens of log p(token | everything before it), each normalised over the whole vocabulary.
+
+        The prefix tree of :meth:`option_logprobs` is shared, and one level is added: the Q suffixes run once on the
+        group's cache (right-padded), the first continuation token is read at each suffix's last position, and
+        then continuation k of every suffix runs on that cache, one forward per k, costing only its own tokens.
+        The padding between a shorter suffix and its continuation is masked out, and each continuation token gets
+        the position it has in the unpadded sequence, so a row's numbers are those of the sequence alone (the
+        tests compare them with one plain forward over the whole sequence). Candidates run ``block`` at a time,
+        as in :meth:`option_logprobs`.
+        """
+        from transformers import DynamicCache
+
+        if soft_prompts is None:
+            soft_prompts = torch.zeros(1, 0, self.hidden_size)
+        soft_prompts = soft_prompts.to(self.device, self.dtype)
+        S, n = soft_prompts.shape[:2]
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        embed = self.model.get_input_embeddings()
+        dev = self.device
+
+        def embed_ids(ids) -> torch.Tensor:
+            return embed(torch.as_tensor(ids, dtype=torch.long, device=dev)).to(self.dtype)
+
+        def padded(seqs) -> torch.Tensor:
+            width = max(1, max(len(x) for x in seqs))
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            for i, x in enumerate(seqs):
+                ids[i, :len(x)] = torch.tensor(list(x), dtype=torch.long)
+            return ids
+
+        shared = embed_ids(list(shared_ids))
+        P0 = n + shared.shape[0]
+        prepared = []
+        for prefix_ids, suffixes, conts in groups:
+            if len(conts) != len(suffixes) or any(len(c) != len(conts[0]) for c in conts):
+                raise ValueError("every suffix needs the same number of continuations")
+            if any(len(x) == 0 for c in conts for x in c):
+                raise ValueError("a continuation needs at least one token")
+            lengths = torch.tensor([len(x) for x in suffixes], device=dev)
+            K = len(conts[0])
+            per_k = []
+            for k in range(K):
+                toks = [list(c[k]) for c in conts]  # continuation k of every suffix
+                first = torch.tensor([t[0] for t in toks], device=dev)  # read at the suffix's last position
+                rest = padded([t[:-1] for t in toks])  # fed to the model; predicts tokens 1..
+                target = padded([t[1:] for t in toks]).to(dev)
+                valid = (torch.arange(rest.shape[1]).unsqueeze(0)
+                         < torch.tensor([len(t) - 1 for t in toks]).unsqueeze(1)).to(dev)
+                per_k.append((first, embed_ids(rest), target, valid))
+            prepared.append((embed_ids(list(prefix_ids)), embed_ids(padded(suffixes)), lengths, per_k))
+        out: list[list[torch.Tensor]] = [[] for _ in groups]
+
+        def rebuilt(kv) -> "DynamicCache":
+            cache = DynamicCache(config=self.model.config)
+            for i, (k, v) in enumerate(kv):
+                cache.update(k, v, i)
+            return cache
+
+        for start in range(0, S, block):
+            sp = soft_prompts[start:start + block]
+            b = sp.shape[0]
+            cache = DynamicCache(config=self.model.config)
+            self.model.base_model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
+                                  position_ids=torch.arange(P0, device=dev).unsqueeze(0),
+                                  **self._kv(cache), use_cache=True)
+            snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
+            for g, (prefix, suffix_emb, lengths, per_k) in enumerate(prepared):
+                cache = rebuilt(snapshot)
+                P = P0 + prefix.shape[0]
+                if prefix.shape[0]:
+                    self.model.base_model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
+                                          position_ids=torch.arange(P0, P, device=dev).unsqueeze(0),
+                                          **self._kv(cache), use_cache=True)
+                Q, Ls = suffix_emb.shape[:2]
+                cache.batch_repeat_interleave(Q)  # rows: candidate-major, Q suffixes each
+                hidden = self.model.base_model(
+                    inputs_embeds=suffix_emb.repeat(b, 1, 1),
+                    position_ids=(P + torch.arange(Ls, device=dev)).unsqueeze(0),
+                    **self._kv(cache), use_cache=True).last_hidden_state
+                rows = torch.arange(b * Q, device=dev)
+                first_logp = self._head(hidden[rows, (lengths - 1).repeat(b)]).log_softmax(-1)  # [b*Q, vocab]
+                suffix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+                # visible cache slots: everything before the suffixes, then each row's real suffix tokens
+                seen = torch.cat([torch.ones(b * Q, P, dtype=torch.long, device=dev),
+                                  (torch.arange(Ls, device=dev).unsqueeze(0) < lengths.unsqueeze(1)).long().repeat(b, 1)],
+                                 dim=1)
+                scores = torch.empty(b * Q, len(per_k), device=dev)
+                for k, (first, rest, target, valid) in enumerate(per_k):
+                    total = first_logp[rows, first.repeat(b)]
+                    Lc = rest.shape[1]
+                    if bool(valid.any()):
+                        cache = rebuilt(suffix_kv)
+                        mask = torch.cat([seen, torch.ones(b * Q, Lc, dtype=torch.long, device=dev)], dim=1)
+                        positions = (P + lengths).repeat(b).unsqueeze(1) + torch.arange(Lc, device=dev).unsqueeze(0)
+                        h = self.model.base_model(inputs_embeds=rest.repeat(b, 1, 1), attention_mask=mask,
+                                                  position_ids=positions, **self._kv(cache),
+                                                  use_cache=True).last_hidden_state  # [b*Q, Lc, d]
+                        where = valid.repeat(b, 1)
+                        logp = self._head(h[where]).log_softmax(-1)  # only real positions reach the head
+                        picked = logp.gather(1, target.repeat(b, 1)[where].unsqueeze(1)).squeeze(1)
+                        total = total + torch.zeros(b * Q, Lc, device=dev).masked_scatter(where, picked).sum(1)
+                    scores[:, k] = total
+                out[g].append(scores.view(b, Q, len(per_k)).float())
+        return [torch.cat(parts) for parts in out]
+
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate_stream(self, requests: Sequence[GenerationRequest]) -> Iterator[list[int | None]]:
