@@ -320,7 +320,7 @@ class ChatEngine:
             if versions:
                 data.append({"id": region, "object": "model", "created": self.created, "owned_by": "culign",
                              "root": base, "parent": base, "region": region, "latest_version": versions[-1],
-                             "versions": versions})
+                             "versions": versions, "forced_invalid_versions": self.adapters.forced_invalid(region)})
         return Reply(body={"object": "list", "data": data})
 
     @staticmethod

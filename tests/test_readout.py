@@ -77,7 +77,7 @@ def test_label_answers_mean_the_label_in_either_order(word_runtime, survey):
 
 def test_letters_template_reads_letters(survey, word_runtime):
     p = survey.presentation("vsm/letters/desc")
-    assert p.readout == "digit" and p.options(1).splitlines()[0].startswith("A) ")
+    assert p.readout == "digit" and p.options(1).splitlines()[0].startswith("(A) ")
     assert p.options(1).splitlines()[0].endswith(p.item(1).scale[5])  # desc: A means answer 5
 
 
