@@ -212,19 +212,20 @@ def regions_cmd(as_json: bool, saudi_variant: str):
 
 @main.command("presentations")
 @split_options
+@readout_option("Show the default split of this read-out (default: digit).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def presentations_cmd(train, heldout, validation, no_validation, wording_files, as_json):
+def presentations_cmd(train, heldout, validation, no_validation, wording_files, readout, as_json):
     """List the wordings, templates and orders, and the split: which presentations train, which validate and
     which are held out, family by family.
 
     A presentation is WORDING/TEMPLATE/ORDER, e.g. vsm/chat/asc. Outputs: a listing (or JSON) on stdout.
     """
     survey = _survey(wording_files)
-    split = _split(survey, train, heldout, validation, no_validation)
+    split = _split(survey, train, heldout, validation, no_validation, readout=readout or "digit")
     if as_json:
         click.echo(json.dumps({
             "wordings": {n: {"title": w.title, "note": w.note, "source": w.source} for n, w in survey.wordings.items()},
-            "templates": {n: {"note": t.note, "system": t.system, "prefill": t.prefill}
+            "templates": {n: {"note": t.note, "system": t.system, "prefill": t.prefill, "readout": t.readout}
                           for n, t in survey.templates.items()},
             "orders": list(ORDERS), "presentations": survey.presentation_names(), "split": split.to_dict(),
             "leaks": split.leaks()}, indent=2))
@@ -234,7 +235,7 @@ def presentations_cmd(train, heldout, validation, no_validation, wording_files, 
         click.echo(f"  {n:<10} {w.title}: {w.note[:90]}{'...' if len(w.note) > 90 else ''}")
     click.echo("templates:")
     for n, t in survey.templates.items():
-        click.echo(f"  {n:<10} {t.note}")
+        click.echo(f"  {n:<16} [{t.readout}] {t.note}")
     click.echo(f"orders:\n  asc        digit k means answer k\n  desc       the scale renumbered: digit k means "
                f"answer 6-k\n\n{len(survey.presentation_names())} presentations (wording x template x order).\n")
     click.echo(f"train ({len(split.train)}): {', '.join(split.train)}")
