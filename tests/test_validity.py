@@ -157,3 +157,33 @@ def test_training_refuses_an_invalid_model_and_force_invalid_overrides(monkeypat
     cache = AdapterCache(registry, word_runtime)
     cache.rescan()
     assert cache.forced_invalid("US") == [1]  # what /v1/models lists as forced_invalid_versions
+
+
+def test_training_takes_the_read_out_that_passes_and_trains_it_on_both_orders(monkeypatch, word_runtime, tmp_path):
+    from click.testing import CliRunner
+
+    import culign.cli as cli
+    import culign.trainer as trainer
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_train(rt, survey, target, settings, registry, **kw):
+        seen.update(kw, split=settings.split)
+        raise Captured
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    position = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5))
+    good = _report(lambda i, p, d: 52 + 10 * i, readout="label")
+    monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: {"digit": position, "label": good}[readout])
+    r = CliRunner().invoke(cli.main, ["train", "--region", "US", "--no-progress"])
+    assert isinstance(r.exception, Captured), r.output
+    assert seen["readout"] == "label" and not seen["forced_invalid"] and seen["order_balanced"]
+    split = seen["split"]
+    assert split.leaks() == [] and {n.rsplit("/", 1)[1] for n in split.train} == {"asc", "desc"}
+    assert all(n.split("/")[1].startswith("label_") for n in split.all_names)
+    assert "order:desc" not in split.heldout and set(split.heldout) >= {"wording:formal", "template:label_interview"}
+    assert seen["validity"]["label"]["verdict"] == V.PASS and seen["validity"]["digit"]["verdict"] == V.POSITION
