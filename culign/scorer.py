@@ -44,7 +44,7 @@ class PreparedPresentation:
     shared: list[int]  # the prefix every item shares (system turn, chat header): once per candidate
     groups: list[_Group]  # prefixes below are relative to ``shared``
     answer_of_digit: torch.Tensor  # [5] answer value (1..5) meant by option 1..5 (symbol, or label continuation)
-    option_ids: list[int] = None  # digit read-out: the token ids of the five option symbols (digits or letters)
+    option_ids: list[int] | None = None  # digit read-out: the token ids of the five option symbols (digits or letters)
 
     @property
     def readout(self) -> str:

@@ -187,3 +187,19 @@ def test_training_takes_the_read_out_that_passes_and_trains_it_on_both_orders(mo
     assert all(n.split("/")[1].startswith("label_") for n in split.all_names)
     assert "order:desc" not in split.heldout and set(split.heldout) >= {"wording:formal", "template:label_interview"}
     assert seen["validity"]["label"]["verdict"] == V.PASS and seen["validity"]["digit"]["verdict"] == V.POSITION
+
+
+def test_validity_command_prints_verdicts_and_json(monkeypatch, word_runtime):
+    from click.testing import CliRunner
+
+    import culign.cli as cli
+
+    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    position = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5))
+    good = _report(lambda i, p, d: 52 + 10 * i, readout="label")
+    monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: {"digit": position, "label": good}[readout])
+    r = CliRunner().invoke(cli.main, ["validity"])
+    assert r.exit_code == 0, r.output
+    assert "digit  verdict: follows position" in r.output and "label  verdict: follows meaning and culture" in r.output
+    data = json.loads(CliRunner().invoke(cli.main, ["validity", "--readout", "label", "--json"]).output)
+    assert list(data) == ["label"] and data["label"]["passes"] and data["label"]["thresholds"]["tau_mean"] == 0.3
