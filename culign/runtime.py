@@ -540,13 +540,14 @@ class Runtime:
         lists scored after suffix q. The result has one ``[S, Q_g, K]`` tensor (float32) per group: the sum over a
         continuation's tokens of log p(token | everything before it), each normalised over the whole vocabulary.
 
-        The prefix tree of :meth:`option_logprobs` is shared, and one level is added: the Q suffixes run once on the
-        group's cache (right-padded), the first continuation token is read at each suffix's last position, and
-        then continuation k of every suffix runs on that cache, one forward per k, costing only its own tokens.
-        The padding between a shorter suffix and its continuation is masked out, and each continuation token gets
-        the position it has in the unpadded sequence, so a row's numbers are those of the sequence alone (the
-        tests compare them with one plain forward over the whole sequence). Candidates run ``block`` at a time,
-        as in :meth:`option_logprobs`.
+        The prefix tree of :meth:`option_logprobs` is shared, and the continuations hang off each suffix as
+        branches of a tree in the *same* forward as the suffixes: row q holds [suffix q][continuation 1]...
+        [continuation K] (each continuation without its last token, which is only predicted), and a 4-D mask lets
+        continuation k see the prefix cache, suffix q's real tokens and its own earlier tokens, nothing else. Each
+        continuation token gets the position it has in the sequence alone, so a row's numbers are those of
+        ``[..][suffix q][continuation k]`` alone (tested against one plain forward over the whole sequence), the
+        five continuations cost only their own tokens, and a group still costs one forward. Candidates run
+        ``block`` at a time, as in :meth:`option_logprobs`.
         """
         from transformers import DynamicCache
 
@@ -562,13 +563,6 @@ class Runtime:
         def embed_ids(ids) -> torch.Tensor:
             return embed(torch.as_tensor(ids, dtype=torch.long, device=dev)).to(self.dtype)
 
-        def padded(seqs) -> torch.Tensor:
-            width = max(1, max(len(x) for x in seqs))
-            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-            for i, x in enumerate(seqs):
-                ids[i, :len(x)] = torch.tensor(list(x), dtype=torch.long)
-            return ids
-
         shared = embed_ids(list(shared_ids))
         P0 = n + shared.shape[0]
         prepared = []
@@ -577,26 +571,42 @@ class Runtime:
                 raise ValueError("every suffix needs the same number of continuations")
             if any(len(x) == 0 for c in conts for x in c):
                 raise ValueError("a continuation needs at least one token")
+            Q, K = len(suffixes), len(conts[0])
+            Ls = max(len(x) for x in suffixes)
+            widths = [max(len(c[k]) - 1 for c in conts) for k in range(K)]  # fed tokens: all but the last
+            starts = [Ls + sum(widths[:k]) for k in range(K)]
+            T = Ls + sum(widths)
+            ids = torch.full((Q, T), self.pad_id, dtype=torch.long)
+            rel = torch.zeros(Q, T, dtype=torch.long)  # position relative to the group's first suffix slot
+            local = torch.zeros(Q, T, T, dtype=torch.bool)  # who sees whom among the T new slots
+            rows, slots, targets, which = [], [], [], []
+            causal = torch.ones(Ls, Ls, dtype=torch.bool).tril()
+            for q, (suf, cs) in enumerate(zip(suffixes, conts)):
+                L = len(suf)
+                ids[q, :L] = torch.tensor(list(suf), dtype=torch.long)
+                rel[q, :Ls] = torch.arange(Ls)
+                local[q, :Ls, :Ls] = causal
+                local[q, :Ls, L:Ls] = False  # padding after a short suffix is seen by no one
+                local[q, torch.arange(Ls), torch.arange(Ls)] = True  # (a padding slot sees itself: no empty row)
+                for k, c in enumerate(cs):
+                    a, m = starts[k], len(c) - 1
+                    if widths[k] == 0:
+                        continue
+                    ids[q, a:a + m] = torch.tensor(list(c[:-1]), dtype=torch.long)
+                    rel[q, a:a + widths[k]] = L + torch.arange(widths[k])
+                    local[q, a:a + widths[k], :L] = True  # the real suffix
+                    local[q, a:a + widths[k], a:a + widths[k]] = torch.ones(widths[k], widths[k],
+                                                                            dtype=torch.bool).tril()
+                    for j in range(m):  # slot a + j predicts token j + 1 of continuation k
+                        rows.append(q), slots.append(a + j), targets.append(c[j + 1]), which.append(k)
+            first = torch.tensor([[c[0] for c in cs] for cs in conts], device=dev)  # [Q, K], read after the suffix
             lengths = torch.tensor([len(x) for x in suffixes], device=dev)
-            K = len(conts[0])
-            per_k = []
-            for k in range(K):
-                toks = [list(c[k]) for c in conts]  # continuation k of every suffix
-                first = torch.tensor([t[0] for t in toks], device=dev)  # read at the suffix's last position
-                rest = padded([t[:-1] for t in toks])  # fed to the model; predicts tokens 1..
-                target = padded([t[1:] for t in toks]).to(dev)
-                valid = (torch.arange(rest.shape[1]).unsqueeze(0)
-                         < torch.tensor([len(t) - 1 for t in toks]).unsqueeze(1)).to(dev)
-                per_k.append((first, embed_ids(rest), target, valid))
-            prepared.append((embed_ids(list(prefix_ids)), embed_ids(padded(suffixes)), lengths, per_k))
+            prepared.append((embed_ids(list(prefix_ids)), embed_ids(ids), rel.to(dev), local.to(dev), lengths, first,
+                             torch.tensor(rows, dtype=torch.long, device=dev),
+                             torch.tensor(slots, dtype=torch.long, device=dev),
+                             torch.tensor(targets, dtype=torch.long, device=dev),
+                             torch.tensor(which, dtype=torch.long, device=dev)))
         out: list[list[torch.Tensor]] = [[] for _ in groups]
-
-        def rebuilt(kv) -> "DynamicCache":
-            cache = DynamicCache(config=self.model.config)
-            for i, (k, v) in enumerate(kv):
-                cache.update(k, v, i)
-            return cache
-
         for start in range(0, S, block):
             sp = soft_prompts[start:start + block]
             b = sp.shape[0]
@@ -605,43 +615,36 @@ class Runtime:
                                   position_ids=torch.arange(P0, device=dev).unsqueeze(0),
                                   **self._kv(cache), use_cache=True)
             snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
-            for g, (prefix, suffix_emb, lengths, per_k) in enumerate(prepared):
-                cache = rebuilt(snapshot)
+            for g, (prefix, tree, rel, local, lengths, first, rows, slots, targets, which) in enumerate(prepared):
+                cache = DynamicCache(config=self.model.config)
+                for i, (k, v) in enumerate(snapshot):
+                    cache.update(k, v, i)
                 P = P0 + prefix.shape[0]
                 if prefix.shape[0]:
                     self.model.base_model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
                                           position_ids=torch.arange(P0, P, device=dev).unsqueeze(0),
                                           **self._kv(cache), use_cache=True)
-                Q, Ls = suffix_emb.shape[:2]
+                Q, T = tree.shape[:2]
                 cache.batch_repeat_interleave(Q)  # rows: candidate-major, Q suffixes each
-                hidden = self.model.base_model(
-                    inputs_embeds=suffix_emb.repeat(b, 1, 1),
-                    position_ids=(P + torch.arange(Ls, device=dev)).unsqueeze(0),
-                    **self._kv(cache), use_cache=True).last_hidden_state
-                rows = torch.arange(b * Q, device=dev)
-                first_logp = self._head(hidden[rows, (lengths - 1).repeat(b)]).log_softmax(-1)  # [b*Q, vocab]
-                suffix_kv = [(layer.keys, layer.values) for layer in cache.layers]
-                # visible cache slots: everything before the suffixes, then each row's real suffix tokens
-                seen = torch.cat([torch.ones(b * Q, P, dtype=torch.long, device=dev),
-                                  (torch.arange(Ls, device=dev).unsqueeze(0) < lengths.unsqueeze(1)).long().repeat(b, 1)],
-                                 dim=1)
-                scores = torch.empty(b * Q, len(per_k), device=dev)
-                for k, (first, rest, target, valid) in enumerate(per_k):
-                    total = first_logp[rows, first.repeat(b)]
-                    Lc = rest.shape[1]
-                    if bool(valid.any()):
-                        cache = rebuilt(suffix_kv)
-                        mask = torch.cat([seen, torch.ones(b * Q, Lc, dtype=torch.long, device=dev)], dim=1)
-                        positions = (P + lengths).repeat(b).unsqueeze(1) + torch.arange(Lc, device=dev).unsqueeze(0)
-                        h = self.model.base_model(inputs_embeds=rest.repeat(b, 1, 1), attention_mask=mask,
-                                                  position_ids=positions, **self._kv(cache),
-                                                  use_cache=True).last_hidden_state  # [b*Q, Lc, d]
-                        where = valid.repeat(b, 1)
-                        logp = self._head(h[where]).log_softmax(-1)  # only real positions reach the head
-                        picked = logp.gather(1, target.repeat(b, 1)[where].unsqueeze(1)).squeeze(1)
-                        total = total + torch.zeros(b * Q, Lc, device=dev).masked_scatter(where, picked).sum(1)
-                    scores[:, k] = total
-                out[g].append(scores.view(b, Q, len(per_k)).float())
+                mask = torch.cat([torch.ones(b * Q, T, P, dtype=torch.bool, device=dev), local.repeat(b, 1, 1)],
+                                 dim=-1).unsqueeze(1)  # [rows, 1, T, P + T]: True = may attend
+                hidden = self.model.base_model(inputs_embeds=tree.repeat(b, 1, 1), attention_mask=mask,
+                                               position_ids=P + rel.repeat(b, 1), **self._kv(cache),
+                                               use_cache=True).last_hidden_state  # [b*Q, T, d], final norm applied
+                all_rows = torch.arange(b * Q, device=dev)
+                scores = self._head(hidden[all_rows, (lengths - 1).repeat(b)]).log_softmax(-1) \
+                    .gather(1, first.repeat(b, 1))  # [b*Q, K]: each continuation's first token
+                if len(rows):
+                    offset = (torch.arange(b, device=dev) * Q).repeat_interleave(len(rows))
+                    rr, ss = rows.repeat(b) + offset, slots.repeat(b)
+                    tt, kk = targets.repeat(b), which.repeat(b)
+                    picked = torch.empty(len(rr), device=dev)
+                    for c0 in range(0, len(rr), 256):  # the full-vocabulary head 256 positions at a time
+                        sl = slice(c0, c0 + 256)
+                        picked[sl] = self._head(hidden[rr[sl], ss[sl]]).log_softmax(-1) \
+                            .gather(1, tt[sl].unsqueeze(1)).squeeze(1)
+                    scores = scores.index_put((rr, kk), picked, accumulate=True)
+                out[g].append(scores.view(b, Q, -1).float())
         return [torch.cat(parts) for parts in out]
 
     # ------------------------------------------------------------------ generation
