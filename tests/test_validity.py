@@ -203,3 +203,23 @@ def test_validity_command_prints_verdicts_and_json(monkeypatch, word_runtime):
     assert "digit  verdict: follows position" in r.output and "label  verdict: follows meaning and culture" in r.output
     data = json.loads(CliRunner().invoke(cli.main, ["validity", "--readout", "label", "--json"]).output)
     assert list(data) == ["label"] and data["label"]["passes"] and data["label"]["thresholds"]["tau_mean"] == 0.3
+
+
+def test_eval_reads_labels_and_shows_the_validity_block(monkeypatch, word_runtime):
+    from click.testing import CliRunner
+
+    import culign.cli as cli
+
+    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    good = _report(lambda i, p, d: 52 + 10 * i, readout="label")
+    monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: good)
+    args = ["eval", "--region", "US", "--readout", "label", "--train-presentation", "vsm/label_chat/asc",
+            "--heldout", "vsm/label_chat/desc", "--no-validation"]
+    r = CliRunner().invoke(cli.main, args)
+    assert r.exit_code == 0, r.output
+    assert "label read-out" in r.output and "label  verdict: follows meaning and culture" in r.output
+    data = json.loads(CliRunner().invoke(cli.main, [*args, "--json"]).stdout)
+    assert data["readout"] == "label" and set(data["rows"][0]["per_presentation"]) == {"vsm/label_chat/asc",
+                                                                                     "vsm/label_chat/desc"}
+    r = CliRunner().invoke(cli.main, [*args[:5], "--train-presentation", "vsm/chat/asc"])
+    assert r.exit_code == 2 and "digit read-out, not label" in r.output
