@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from culign import http_limits
 from culign.registry import Registry
 from culign.runtime import cpu_capability
 from culign.serving import REGION_HEADER, VERSION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply, \
@@ -31,6 +32,7 @@ from culign.settings import ServiceSettings
 log = logging.getLogger("culign.service")
 API_PATHS = ("/chat", "/v1/chat/completions")
 SETTINGS = ServiceSettings.from_env(default_adapters=Path(__file__).resolve().parent / "adapters")
+http_limits.install(SETTINGS.max_header_bytes, SETTINGS.max_header_block_bytes)  # before uvicorn loads its protocol
 
 
 class _QuietBadBodies(logging.Filter):
@@ -85,14 +87,15 @@ def _openai_error(body: bytes) -> bytes | None:
 class HttpGuard:
     """ASGI middleware in front of the API: size caps, content type, trailing slashes, error shapes.
 
-    - a body over ``max_body`` bytes -> 413 (read no further); a header value over ``max_header`` -> 431;
+    - a body over ``max_body`` bytes -> 413 (read no further); a header value over ``max_header`` or all headers
+      over ``max_block`` -> 431 naming the largest header (past ``max_block`` the parser answers it first);
     - POST to the API with a Content-Type that is not JSON -> 415 (BentoML would log a traceback for it);
     - ``/chat/`` is ``/chat`` (no 307 redirect that a client would follow with a GET);
     - BentoML's 400 for a body failing the request model is rewritten in OpenAI's shape with ``param``.
     """
 
-    def __init__(self, app, max_body: int, max_header: int):
-        self.app, self.max_body, self.max_header = app, max_body, max_header
+    def __init__(self, app, max_body: int, max_header: int, max_block: int):
+        self.app, self.max_body, self.max_header, self.max_block = app, max_body, max_header, max_block
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -101,10 +104,11 @@ class HttpGuard:
         if len(path) > 1 and path.endswith("/"):
             scope = {**scope, "path": path.rstrip("/"), "raw_path": path.rstrip("/").encode()}
             path = scope["path"]
-        for name, value in scope.get("headers", []):
-            if len(value) > self.max_header:
-                return await _error(431, f"header {name.decode('latin-1')[:40]!r} is {len(value)} bytes (at most "
-                                         f"{self.max_header})", name.decode("latin-1")[:40])(scope, receive, send)
+        raw = scope.get("headers", [])
+        if any(len(v) > self.max_header for _, v in raw) or sum(len(k) + len(v) for k, v in raw) > self.max_block:
+            # the same body as the parser's past its hard cap (culign/http_limits.py): one answer, however split
+            body = http_limits.too_large_body(http_limits.largest_header(raw), self.max_header, self.max_block)
+            return await Response(body, 431, media_type="application/json")(scope, receive, send)
         if path not in API_PATHS or scope["method"] != "POST":
             return await self.app(scope, receive, self._json_refusals(scope, send))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -319,4 +323,5 @@ class Culign:
         self.engine.close()
 
 
-Culign.add_asgi_middleware(HttpGuard, max_body=SETTINGS.max_body_bytes, max_header=SETTINGS.max_header_bytes)
+Culign.add_asgi_middleware(HttpGuard, max_body=SETTINGS.max_body_bytes, max_header=SETTINGS.max_header_bytes,
+                           max_block=SETTINGS.max_header_block_bytes)

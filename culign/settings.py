@@ -35,6 +35,7 @@ class ServiceSettings:
     shutdown_grace_s: float = 2.0  # CULIGN_SHUTDOWN_GRACE_S: what running rows get to finish on SIGTERM
     max_body_bytes: int = 1 << 20  # CULIGN_MAX_BODY_BYTES: larger request bodies get 413
     max_header_bytes: int = 8192  # CULIGN_MAX_HEADER_BYTES: a larger header value gets 431
+    max_header_block_bytes: int = 64 * 1024  # CULIGN_MAX_HEADER_BLOCK_BYTES: all headers together; more gets 431
     log_level: str = "INFO"  # CULIGN_LOG_LEVEL
     batch_invariant: bool | None = None  # CULIGN_BATCH_INVARIANT: auto (bf16/fp16 only), 1 or 0 (see docs/deploy.md)
 
@@ -88,10 +89,14 @@ class ServiceSettings:
                 shutdown_grace_s=number("CULIGN_SHUTDOWN_GRACE_S", float, d["shutdown_grace_s"], 0.0),
                 max_body_bytes=number("CULIGN_MAX_BODY_BYTES", int, d["max_body_bytes"], 1024),
                 max_header_bytes=number("CULIGN_MAX_HEADER_BYTES", int, d["max_header_bytes"], 256),
+                max_header_block_bytes=number("CULIGN_MAX_HEADER_BLOCK_BYTES", int, d["max_header_block_bytes"], 1024),
                 log_level=level, batch_invariant=invariant)
         if s.default_max_tokens > s.max_tokens:
             if get("CULIGN_DEFAULT_MAX_TOKENS") is not None:
                 raise SettingsError(f"CULIGN_DEFAULT_MAX_TOKENS ({s.default_max_tokens}) exceeds CULIGN_MAX_TOKENS "
                                     f"({s.max_tokens})")
             s = dataclasses.replace(s, default_max_tokens=s.max_tokens)  # a lower cap lowers the default with it
+        if s.max_header_block_bytes < s.max_header_bytes:
+            raise SettingsError(f"CULIGN_MAX_HEADER_BLOCK_BYTES ({s.max_header_block_bytes}) is below "
+                                f"CULIGN_MAX_HEADER_BYTES ({s.max_header_bytes}): one header could never reach its cap")
         return s

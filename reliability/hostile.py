@@ -89,3 +89,63 @@ def problems(case: Case, out: Outcome, limit: float = LIMIT_S) -> list[str]:
     elif wanted and not any(param.lower().startswith(w.lower()) for w in wanted):
         found.append(f"error.param is {param!r}, expected {' or '.join(wanted)} ({error.get('message')!r:.200})")
     return found
+
+
+def send_raw(url: str, request: bytes, chunk: int | None, limit: float = LIMIT_S) -> tuple[int | None, str, bytes]:
+    """Write ``request`` over a raw socket, in one write or in ``chunk``-byte writes (each its own TCP segment,
+    with a pause so the server reads them apart), while reading the answer; ``(status, content type, body)``.
+
+    httpx always writes a request head in one piece; real clients and proxies do not, and the server's parser
+    answered differently depending on how a large header was split (issue 20)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=limit)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def write():
+        try:
+            if chunk is None:
+                sock.sendall(request)
+            else:
+                for i in range(0, len(request), chunk):
+                    sock.sendall(request[i:i + chunk])
+                    time.sleep(0.001)
+        except OSError:
+            pass  # the server may close once it has answered; the answer is what is judged
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or len(data) < _answer_length(data):
+            got = sock.recv(65536)
+            if not got:
+                break
+            data += got
+    except OSError:
+        pass
+    finally:
+        sock.close()
+        writer.join(limit)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        return None, "", data
+    fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+    fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+    return status, fields.get("content-type", ""), body[:int(fields.get("content-length", len(body)))]
+
+
+def _answer_length(data: bytes) -> int:
+    """Bytes of a whole answer whose head is in ``data`` (head + Content-Length); unknown length: wait for EOF."""
+    head, _, _ = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(head) + 4 + int(value)
+    return 1 << 62

@@ -249,7 +249,8 @@ def test_settings_from_env(tmp_path):
     assert s.adapters == tmp_path and s.max_rows == 4 and s.log_level == "DEBUG"
     for env, name in [({"CULIGN_MAX_TOKENS": "lots"}, "CULIGN_MAX_TOKENS"), ({"CULIGN_MAX_QUEUE": "-1"},
                       "CULIGN_MAX_QUEUE"), ({"CULIGN_SCHEDULER": "fancy"}, "CULIGN_SCHEDULER"),
-                      ({"CULIGN_LOG_LEVEL": "LOUD"}, "CULIGN_LOG_LEVEL")]:
+                      ({"CULIGN_LOG_LEVEL": "LOUD"}, "CULIGN_LOG_LEVEL"),
+                      ({"CULIGN_MAX_HEADER_BLOCK_BYTES": "4096"}, "CULIGN_MAX_HEADER_BLOCK_BYTES")]:
         with pytest.raises(SettingsError, match=name):
             ServiceSettings.from_env({"CULIGN_ADAPTERS": str(tmp_path), **env})
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -115,6 +115,40 @@ def test_hostile_corpus_summary(server, client):
 FUZZ_N = int(os.environ.get("CULIGN_FUZZ_EXAMPLES", "100" if FULL else "30"))
 
 
+def _oversized(headers: dict[str, str]) -> bytes:
+    body = json.dumps({"model": "US", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    head = ["POST /v1/chat/completions HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@quick
+@pytest.mark.parametrize("name,headers", [
+    ("one value over the value cap", {"User-Agent": "a" * 20_000}),
+    ("a 100 KB cookie, over the block cap", {"Cookie": "c=" + "x" * 100_000}),
+    ("many headers under the value cap, over the block cap", {f"X-Pad-{i:02d}": "p" * 7000 for i in range(12)}),
+    ("a 1 MB header, far past the parser's hard cap", {"X-Huge": "h" * 1_000_000}),
+])
+def test_oversized_headers_get_one_answer_however_split(server, name, headers):
+    """Issue 20: the same oversized header, written in one piece or in 4 KiB / 1 KiB writes, 50 times each, gets
+    the same 431 with the same JSON body naming the largest header (h11 used to answer a plain-text 400 when the
+    header block arrived in several reads)."""
+    request = _oversized(headers)
+    want_param = max(headers, key=lambda k: len(k) + len(headers[k])).lower()
+    seen: Counter = Counter()
+    for _ in range(50):
+        for chunk in (None, 4096, 1024):
+            status, ctype, body = hostile.send_raw(server.url, request, chunk)
+            seen[(status, ctype, body)] += 1
+    assert len(seen) == 1, f"{name}: {len(seen)} different answers: " + "; ".join(
+        f"{n}x {s} {c} {b[:120]!r}" for (s, c, b), n in seen.items())
+    status, ctype, body = next(iter(seen))
+    error = json.loads(body)["error"]
+    assert (status, ctype, error["param"], error["code"]) == (431, "application/json", want_param, 431)
+    assert "hhhh" not in error["message"] and "pppp" not in error["message"]  # names the header, never echoes it
+    assert server.normal(timeout=120).status_code == 200  # and the server is fine afterwards
+
+
 @quick
 @pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions"])
 @pytest.mark.parametrize("mode", ["positive", "negative"])
