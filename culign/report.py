@@ -113,11 +113,12 @@ def format_validity(checks: Mapping[str, Mapping]) -> str:
     lines = ["validity (does an answer follow meaning and culture? culign validity --help says how it is measured):"]
     for readout, v in checks.items():
         tau = v.get("tau") or {}
-        lines.append(f"  {readout:<6} order slope {_fmt(v.get('order_slope'), '+.2f')} (>= 0.5 follows the labels)"
-                     f", agreement {_fmt(v.get('agreement'), '+.2f')} (>= 0.5), persona spread "
-                     f"{_fmt(v.get('spread_mean'))} vs noise band {_fmt(v.get('noise_band_mean'))} "
-                     f"(x{_fmt(v.get('spread_ratio'), '.2f')}, >= 1), tau {_fmt(v.get('tau_mean'), '+.2f')} "
-                     f"(>= 0.3; " + " ".join(f"{d} {_fmt(tau.get(d), '+.2f')}" for d in DIMENSIONS)
+        lines.append(f"  {readout:<6} order slope {_fmt(v.get('order_slope'), '+.2f')} (>= 0.5: follows the labels; "
+                     f"-1: the position), agreement across wordings {_fmt(v.get('agreement'), '+.2f')} (>= 0.5), "
+                     f"persona spread {_fmt(v.get('spread_mean'))} vs noise band {_fmt(v.get('noise_band_mean'))} "
+                     f"(x{_fmt(v.get('spread_ratio'), '.2f')}, >= 1)")
+        lines.append(f"  {'':<6} Kendall's tau with Hofstede {_fmt(v.get('tau_mean'), '+.2f')} (>= 0.3; "
+                     + " ".join(f"{d} {_fmt(tau.get(d), '+.2f')}" for d in DIMENSIONS)
                      + f"), option mass {_fmt(v.get('option_mass'), '.2f')}")
         why = "; ".join(v.get("reasons") or [])
         lines.append(f"  {readout:<6} verdict: {v.get('verdict')}" + (f" ({why})" if why else ""))
