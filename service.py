@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from culign import http_limits
-from culign.registry import Registry
+from culign.registry import open_registry
 from culign.runtime import cpu_capability
 from culign.serving import REGION_HEADER, VERSION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply, \
     load_runtime
@@ -239,6 +239,11 @@ class Metrics:
         self.cancelled = bentoml.metrics.Gauge(name="culign_cancelled_rows_total",
                                                documentation="rows stopped early since start (client gone, stop "
                                                              "string matched)")
+        self.store_down = bentoml.metrics.Gauge(name="culign_registry_unreachable",
+                                                documentation="1 while the object-store registry cannot be reached "
+                                                              "(the last good listing is served)")
+        self.store_failures = bentoml.metrics.Gauge(name="culign_registry_unreachable_scans_total",
+                                                    documentation="registry rescans that could not reach the store")
         self._stop = threading.Event()
         threading.Thread(target=self._loop, name="culign-metrics", daemon=True).start()
 
@@ -253,6 +258,8 @@ class Metrics:
         self.rate.set(worker.stats.tokens_per_s())
         self.rejected.set(worker.stats.rejected)
         self.cancelled.set(worker.stats.cancelled_rows)
+        self.store_down.set(int(self.engine.adapters.store_unreachable))
+        self.store_failures.set(self.engine.adapters.store_failures)
 
     def count(self, reply: Reply) -> None:
         served = reply.headers.get(VERSION_HEADER, "none")
@@ -273,7 +280,7 @@ class Culign:
         log.info("serving %s (%s) in %s (%s; batch-invariant decoding %s) with adapters from %s", runtime.name,
                  runtime.fingerprint, str(runtime.dtype).replace("torch.", ""), cpu_capability(),
                  "on" if runtime.batch_invariant else "off", SETTINGS.adapters)
-        self.engine = ChatEngine(runtime, Registry(SETTINGS.adapters), SETTINGS)
+        self.engine = ChatEngine(runtime, open_registry(SETTINGS.adapters), SETTINGS)
         self.engine.adapters.warm()
         self.metrics = Metrics(self.engine)
         self._end_rows_on_signals()

@@ -16,7 +16,7 @@ import torch
 
 from . import targets
 from .regions import RegionSpec, show
-from .registry import AdapterInfo, Registry, RegistryError
+from .registry import AdapterInfo, Registry, RegistryError, RegistryUnavailable
 from .runtime import Runtime
 
 log = logging.getLogger("culign.adapters")
@@ -81,10 +81,27 @@ class AdapterCache:
         self._refused: dict[AdapterInfo, str] = {}
         # (region, version) -> why the scan itself could not list it (truncated, garbled, a copy, half-written)
         self._unlisted: dict[str, dict[int, str]] = {}
+        self.store_unreachable = False  # the last rescan could not reach the (object-store) registry
+        self.store_failures = 0  # rescans that could not reach it, since start
 
     # ------------------------------------------------------------------ listing
     def rescan(self) -> None:
-        infos, warnings = self.registry.scan()
+        try:
+            infos, warnings = self.registry.scan()
+        except RegistryUnavailable as e:
+            # an object store that cannot be reached: keep serving the last good listing and the verified prompts
+            # in memory (or in the local cache), warn once per outage, count it; try again at the next rescan
+            with self._lock:
+                self._scanned_at = time.monotonic()
+                self.store_failures += 1
+                first = not self.store_unreachable
+                self.store_unreachable = True
+            if first:
+                log.warning("%s; serving the last good listing (%d regions) until it is back", e, len(self._infos))
+            return
+        if self.store_unreachable:
+            log.warning("registry reachable again")
+            self.store_unreachable = False
         table: dict[str, dict[int, AdapterInfo]] = {}
         for info in infos:
             table.setdefault(info.region, {})[info.version] = info
@@ -206,6 +223,8 @@ class AdapterCache:
         try:
             loaded = self.registry.load(info.region, info.version, hidden_size=self.runtime.hidden_size,
                                         base_fingerprint=self.runtime.fingerprint)
+        except RegistryUnavailable:  # not a verdict on the adapter: it may load once the store is back
+            return None
         except (RegistryError, OSError, ValueError) as e:  # corrupt, incompatible, vanished, unreadable
             self._refused[info] = str(e)
             self._warn_once(f"refused:{info}", "refusing adapter %s: %s", info.ref, e)

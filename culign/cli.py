@@ -159,19 +159,69 @@ def split_options(f):
     return f
 
 
+class StoreLocation(click.ParamType):
+    """A local folder, or an object-store URL (s3://BUCKET/PREFIX) checked for shape here; reachability and
+    credentials are checked by the command before it writes anything."""
+
+    name = "DIR|s3://BUCKET/PREFIX"
+
+    def convert(self, value, param, ctx):
+        from .object_registry import ObjectRegistry, is_url
+
+        if isinstance(value, Path) or not is_url(str(value)):
+            path = Path(str(value).removeprefix("file://"))
+            if path.exists() and not path.is_dir():
+                self.fail(f"{str(path)!r} is a file, not a folder", param, ctx)
+            return path
+        try:
+            ObjectRegistry(str(value), cache_dir="/nonexistent")  # the URL's shape only; nothing is contacted
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
+
+
 def registry_option(f):
     """--adapters-dir, accepted on the group and on every subcommand (after the subcommand wins)."""
-    return click.option("--adapters-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-                        help=f"The adapter registry. Default: $CULIGN_ADAPTERS, else ./{DEFAULT_REGISTRY} (the "
+    return click.option("--adapters-dir", default=None, type=StoreLocation(),
+                        help=f"The adapter registry: a folder or s3://BUCKET/PREFIX (credentials and endpoint from "
+                             f"the usual AWS environment). Default: $CULIGN_ADAPTERS, else ./{DEFAULT_REGISTRY} (the "
                              "committed examples are in ./adapters).")(f)
 
 
-def _registry_dir(given: Path | None, ctx: click.Context | None = None) -> Path:
+def fanout_options(f):
+    f = click.option("--ray-address", default=None, metavar="HOST:PORT",
+                     help="Join this Ray cluster (default: $RAY_ADDRESS, else a local Ray started for the run).")(f)
+    f = click.option("--gpus-per-region", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="GPUs each region's task reserves (--regions).")(f)
+    f = click.option("--cpus-per-region", default=1.0, show_default=True, type=click.FloatRange(min=0.5),
+                     help="CPUs each region's task reserves; torch uses as many threads (--regions).")(f)
+    f = click.option("--regions", default=None, metavar="R1,R2,...|all|@FILE",
+                     help="Train many regions at once, one Ray task each: a comma list, 'all' (every region of the "
+                          "Hofstede table) or @FILE (one region a line, # comments).")(f)
+    return f
+
+
+def _registry_dir(given: "Path | str | None", ctx: click.Context | None = None) -> "Path | str":
     if given is not None:
         return given
     if ctx is not None and ctx.obj and ctx.obj.get("adapters_dir") is not None:
         return ctx.obj["adapters_dir"]
-    return Path(os.environ.get("CULIGN_ADAPTERS") or DEFAULT_REGISTRY)
+    return StoreLocation().convert(os.environ.get("CULIGN_ADAPTERS") or DEFAULT_REGISTRY, None, None)
+
+
+def _open_registry(root: "Path | str", param_hint: str = "--adapters-dir", check: bool = False):
+    """The registry at root; with ``check``, an object store is listed once first, so an unreachable store or
+    wrong credentials are a usage error before any work (and any write)."""
+    from .object_registry import ObjectRegistry, RegistryUnavailable
+    from .registry import open_registry
+
+    registry = open_registry(root)
+    if check and isinstance(registry, ObjectRegistry):
+        try:
+            registry.scan()
+        except RegistryUnavailable as e:
+            raise click.BadParameter(str(e), param_hint=param_hint) from None
+    return registry
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -420,8 +470,10 @@ def _floats(text: str) -> tuple[float, float]:
               "the report and /v1/models. Without it such a model stops the run with exit 2.")
 @split_options
 @registry_option
-@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Where per-generation checkpoints go (default: ~/.cache/culign/runs).")
+@click.option("--checkpoint-dir", default=None, type=StoreLocation(),
+              help="Where per-generation checkpoints go (default: ~/.cache/culign/runs). With --regions on several "
+                   "machines: a folder every worker sees, or s3://BUCKET/PREFIX.")
+@fanout_options
 @click.option("--resume", is_flag=True, help="Continue the checkpointed run with the same settings (a larger "
               "--budget extends it); the result equals an uninterrupted run with the same seed.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
@@ -430,7 +482,7 @@ def _floats(text: str) -> tuple[float, float]:
 def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, rotate_every, tokens, dim, bound, scale, popsize,
               budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, readout,
               force_invalid, train, heldout, validation, no_validation, wording_files, adapters_dir, checkpoint_dir,
-              resume, progress, model, device, dtype, as_json):
+              regions, cpus_per_region, gpus_per_region, ray_address, resume, progress, model, device, dtype, as_json):
     """Tune a soft prompt black-box so the frozen model's VSM 2013 indices match a region on every wording.
 
     Scores the naive model and the persona baseline on every presentation of the split, searches on the training
@@ -453,12 +505,19 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
     follows meaning (order slope >= 0.5) and the split is the default one, it trains on both scale orders
     (held-out families stay disjoint). When none passes, the run stops with the numbers and exit 2, unless
     --force-invalid.
+
+    With --regions, every region is trained as its own Ray task (the same training, one region per task, on a
+    local Ray started on demand or the cluster at --ray-address): one live line per region, then a table.
+    (The validity gate runs for a single region; with --regions it is not applied yet: run `culign validity` first.)
     """
     from .survey import order_balanced
     from .trainer import TrainSettings, train as run_train
     from .validity import InvalidModelError, choose_readout
 
-    target = _target(region, target_spec, saudi_variant, name)
+    if regions is not None and (region or target_spec):
+        raise click.UsageError("give --regions, or one --region / --target, not both")
+    targets = _regions(regions, saudi_variant) if regions is not None else None
+    target = targets[0] if targets else _target(region, target_spec, saudi_variant, name)
     survey = _survey(wording_files)
     try:
         search = SearchConfig(optimizer=optimizer, tokens=tokens, dim=dim, bound=bound, scale=scale,
@@ -475,6 +534,24 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
             raise click.BadParameter(str(e), param_hint="--train-presentation") from None
     if readout is not None:
         _split(survey, train, heldout, validation, no_validation, readout=readout)  # a bad split fails before loading
+    if targets:  # the fan-out: every region as its own task, on the read-out asked for (no gate here yet)
+        try:
+            settings = TrainSettings(search=search, split=_split(survey, train, heldout, validation, no_validation,
+                                                                 readout=readout or "digit"))
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        from .fanout import RegionJob
+
+        root = _registry_dir(adapters_dir)
+        _open_registry(root, check=True)
+        where = lambda p: str(p.resolve()) if isinstance(p, Path) else p  # noqa: E731  workers have other cwds
+        jobs = [RegionJob(t, settings, where(root), model, device, dtype, tuple(map(where, map(Path, wording_files))),
+                          None if checkpoint_dir is None else where(checkpoint_dir), resume,
+                          max(1, int(cpus_per_region))) for t in targets]
+        return _train_many(jobs, ray_address, cpus_per_region, gpus_per_region, progress, as_json)
+    from .registry import RegistryError
+
+    registry = _open_registry(_registry_dir(adapters_dir), check=True)  # before the model: a bad store costs nothing
     rt = _runtime(model, device, dtype)
     checks = _checks(rt, survey, [readout] if readout else list(READOUTS), progress=progress)
     block = _validity_text(checks)
@@ -499,11 +576,8 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
         settings = TrainSettings(search=search, split=split)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    from .registry import Registry, RegistryError
-
-    registry_dir = _registry_dir(adapters_dir)
     try:
-        outcome = run_train(rt, survey, target, settings, Registry(registry_dir), checkpoint_dir=checkpoint_dir,
+        outcome = run_train(rt, survey, target, settings, registry, checkpoint_dir=checkpoint_dir,
                             resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True),
                             readout=chosen, validity={r: v.summary() for r, v in checks.items()},
                             forced_invalid=forced, order_balanced=balanced)
@@ -525,6 +599,59 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
         sys.exit(130)
 
 
+def _regions(spec: str, saudi_variant: str) -> list[Target]:
+    """--regions: every name checked before anything starts; unknown ones are named together."""
+    if spec.strip().lower() == "all":
+        names = [t.key for t in TABLE]
+    elif spec.startswith("@"):
+        try:
+            text = Path(spec[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"cannot read {spec[1:]!r}: {e}", param_hint="--regions") from None
+        names = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    else:
+        names = spec.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise click.BadParameter("no region given", param_hint="--regions")
+    targets, unknown = [], []
+    for n in names:
+        try:
+            targets.append(resolve(n, saudi_variant=saudi_variant))
+        except (UnknownRegionError, ValueError) as e:
+            unknown.append(str(e))
+    if unknown:
+        raise click.BadParameter("; ".join(unknown), param_hint="--regions")
+    seen: dict[str, Target] = {}
+    for t in targets:
+        seen.setdefault(t.key, t)  # "US,USA,united states" is one region
+    return list(seen.values())
+
+
+def _train_many(jobs, ray_address, cpus_per_region, gpus_per_region, progress: bool, as_json: bool):
+    from .fanout import FanoutError, LiveLines, fan_out, results_table
+
+    click.echo(f"training {len(jobs)} regions on Ray ({cpus_per_region:g} CPU, {gpus_per_region:g} GPU each): "
+               + ", ".join(j.target.key for j in jobs), err=True)
+    try:
+        results = fan_out(jobs, ray_address=ray_address, cpus_per_region=cpus_per_region,
+                          gpus_per_region=gpus_per_region, on_update=LiveLines() if progress else None)
+    except FanoutError as e:
+        raise click.BadParameter(str(e), param_hint="--ray-address") from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: every region's checkpoint is kept; the same command with --resume continues "
+                   "them all", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        click.echo(results_table(results))
+    failed = [r.region for r in results if not r.ok]
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} regions failed: {', '.join(failed)}", err=True)
+        sys.exit(1)
+
+
 @main.command("report")
 @click.argument("what", required=False, metavar="[ADAPTER_DIR|REPORT_JSON|REGION[@V]]")
 @registry_option
@@ -540,10 +667,10 @@ def report_cmd(what, adapters_dir, out):
     writes the run's page as report.html beside report.json already. Outputs: the HTML file; its path on stdout.
     """
     from .evaluation import Comparison
-    from .registry import Registry, RegistryError
+    from .registry import RegistryError
     from .report import html_report, registry_html
 
-    registry = Registry(_registry_dir(adapters_dir))
+    registry = _open_registry(_registry_dir(adapters_dir), check=True)
 
     def load(path: Path) -> tuple[dict, Comparison]:
         try:
@@ -586,9 +713,7 @@ def adapters_group(ctx, adapters_dir: Path | None):
 
 
 def _registry(ctx: click.Context, adapters_dir: Path | None):
-    from .registry import Registry
-
-    return Registry(_registry_dir(adapters_dir, ctx))
+    return _open_registry(_registry_dir(adapters_dir, ctx), check=True)
 
 
 def _ref(ref: str, param_hint: str = "REF") -> tuple[str, int | None]:
@@ -746,7 +871,7 @@ def _load_adapter(name: str, adapters_dir: Path, rt):
         if path.is_dir():
             registry, region, version = Registry(path.parent.parent), path.parent.name, int(path.name)
         else:
-            (region, version), registry = _ref(name, "--adapter"), Registry(adapters_dir)
+            (region, version), registry = _ref(name, "--adapter"), _open_registry(adapters_dir, check=True)
         return registry.load(region, version, hidden_size=rt.hidden_size, base_fingerprint=rt.fingerprint)
     except (RegistryError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="--adapter") from None

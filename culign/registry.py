@@ -65,6 +65,10 @@ class AdapterIncompatible(RegistryError):
     pass
 
 
+class RegistryUnavailable(RegistryError):
+    """An object-store registry could not be reached or refused the credentials (the message holds no secret)."""
+
+
 class _Invalid(Exception):
     """A reason an on-disk entry is unusable; turned into AdapterCorrupt or a scan warning by the caller.
 
@@ -418,6 +422,16 @@ def _versions_on_disk(region_dir: Path) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- registry
+def open_registry(root: "str | Path", cache_dir: "str | Path | None" = None):
+    """The registry at ``root``: a local folder (:class:`Registry`) or an object-store URL such as
+    ``s3://bucket/prefix`` (:class:`culign.object_registry.ObjectRegistry`); both have the same methods."""
+    from .object_registry import ObjectRegistry, is_url
+
+    if is_url(str(root)):
+        return ObjectRegistry(str(root), cache_dir)
+    return Registry(str(root).removeprefix("file://"))
+
+
 class Registry:
     """Soft prompts per region and version under one root folder. Holds no state besides the root, so any
     number of Registry objects and processes can share a root."""

@@ -21,7 +21,8 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    adapters: Path  # CULIGN_ADAPTERS: the registry (default: adapters/ beside service.py)
+    adapters: Path | str  # CULIGN_ADAPTERS: the registry, a folder or s3://BUCKET/PREFIX (default: adapters/ beside
+    # service.py)
     model: str | None = None  # CULIGN_MODEL: HF id or local folder (default: the embedded SmolLM2)
     device: str | None = None  # CULIGN_DEVICE (default: cuda if available, else cpu)
     dtype: str | None = None  # CULIGN_DTYPE: auto, bf16, fp16, fp32 (auto: bf16 where the hardware is fast at it)
@@ -77,7 +78,8 @@ class ServiceSettings:
         adapters = get("CULIGN_ADAPTERS")
         if adapters is None and default_adapters is None:
             raise SettingsError("CULIGN_ADAPTERS is not set and no default registry was given")
-        s = cls(adapters=Path(adapters) if adapters else Path(default_adapters),
+        s = cls(adapters=(adapters if "://" in adapters and not adapters.startswith("file://") else
+                          Path(adapters.removeprefix("file://"))) if adapters else Path(default_adapters),
                 model=get("CULIGN_MODEL"), device=get("CULIGN_DEVICE"), dtype=get("CULIGN_DTYPE"),
                 max_tokens=number("CULIGN_MAX_TOKENS", int, d["max_tokens"], 1),
                 default_max_tokens=number("CULIGN_DEFAULT_MAX_TOKENS", int, d["default_max_tokens"], 1),

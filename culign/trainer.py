@@ -57,9 +57,12 @@ def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
 
 def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, registry: Registry, *,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
-          echo: Callable[[str], None] = print, readout: str | None = None, validity: dict | None = None,
-          forced_invalid: bool = False, order_balanced: bool = False) -> TrainOutcome:
-    """``readout``, ``validity`` (read-out -> ValidityReport.summary()), ``forced_invalid`` and ``order_balanced``
+          echo: Callable[[str], None] = print, on_generation: Callable | None = None, readout: str | None = None,
+          validity: dict | None = None, forced_invalid: bool = False, order_balanced: bool = False) -> TrainOutcome:
+    """``on_generation(progress, checkpoint_path)`` is called after each generation's checkpoint is written (the
+    fan-out's live lines and its checkpoint upload).
+
+    ``readout``, ``validity`` (read-out -> ValidityReport.summary()), ``forced_invalid`` and ``order_balanced``
     say how the run was gated (culign.validity; the CLI runs the check): they go into the report and provenance.
     The read-out itself is each presentation's template's; ``readout`` defaults to that of the training split."""
     cfg, split = settings.search, settings.split
@@ -100,12 +103,14 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     limit = f" (stops by {cfg.max_seconds / 60:g} min)" if cfg.max_seconds else ""
     bar = _bar(cfg.budget, f"{cfg.optimizer.value} {target.key}{limit}", "cand", progress)
 
-    def on_generation(p):
+    def generation_done(p):
         bar.set_postfix_str(f"gen {p.generation} best {p.best_loss:.2f} mass {p.best_mass:.2f} "
                             f"{_short(p.best_indices)}")
+        if on_generation is not None:
+            on_generation(p, checkpoint)
 
     result = run_search(objective, cfg, validation=split.validation_names, checkpoint=checkpoint, resume=resume,
-                        run_key=run_key, on_generation=on_generation, on_batch=bar.update)
+                        run_key=run_key, on_generation=generation_done, on_batch=bar.update)
     bar.close()
 
     # 3. the result, alone, on every presentation: the numbers the report and `culign eval` print. After Ctrl-C the

@@ -1,0 +1,185 @@
+"""culign's Python API: what the command line does, as functions with typed results (docs/python.md).
+
+    import culign
+    model = culign.load_model()                          # the embedded SmolLM2, float32 for scoring
+    result = culign.evaluate("US", model=model, persona=True, presentations=["vsm/chat/asc"])
+    result.to_dict(); result.to_pandas()                 # pandas only if installed
+
+Everything here is stable: names, parameters and result fields change only with a major version. Progress bars are
+off unless asked for; failures are the named exceptions listed in ``__all__`` (never SystemExit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .evaluation import Comparison, Evaluation, Evaluator, Respondent
+from .fanout import FanoutError, RegionJob, RegionResult, fan_out
+from .optimize import SearchConfig
+from .registry import (AdapterCorrupt, AdapterIncompatible, AdapterInfo, AdapterNotFound, LoadedAdapter, Registry,
+                       RegistryError, RegistryUnavailable, open_registry)
+from .runtime import ModelLoadError, Runtime
+from .survey import Split, Survey, SurveyDataError
+from .targets import Target, UnknownRegionError, parse_custom, resolve
+from .trainer import TrainSettings, train as _train
+
+DEFAULT_REGISTRY = Path("runs") / "adapters"  # where `culign train` saves by default
+
+
+def load_model(model: str | None = None, *, device: str | None = None, dtype: str | None = None) -> Runtime:
+    """A model for scoring: the embedded SmolLM2-135M-Instruct (None), an HF hub id from the local cache, or a local
+    folder; float32 unless ``dtype`` says otherwise. Raises ModelLoadError."""
+    return Runtime.load(model, device=device, dtype=dtype, scoring=True)
+
+
+def region(name: str, *, saudi_variant: str | None = None) -> Target:
+    """A region of the Hofstede table by code, ISO-2 alias or name. Raises UnknownRegionError."""
+    return resolve(name, **({"saudi_variant": saudi_variant} if saudi_variant else {}))
+
+
+def custom_target(spec: str, name: str = "custom") -> Target:
+    """A target of your own: ``"PDI=80,IDV=20"`` or ``"@file.json"``. Raises ValueError naming the problem."""
+    return parse_custom(spec, name)
+
+
+def _target(target: str | Target) -> Target:
+    return target if isinstance(target, Target) else region(target)
+
+
+def _model(model: str | Runtime | None) -> Runtime:
+    return model if isinstance(model, Runtime) else load_model(model)
+
+
+def _split(survey: Survey, presentations: Sequence[str], split: Split | None) -> Split:
+    if split is not None and presentations:
+        raise ValueError("give presentations or a split, not both")
+    if split is not None:
+        return split
+    if presentations:
+        return Split(tuple(survey.expand(presentations)))
+    return survey.split()
+
+
+@dataclass
+class EvalResult:
+    """Rows (naive, persona, adapters) scored on every presentation of a split, against one target."""
+    comparison: Comparison
+    model: str
+    dtype: str
+
+    @property
+    def rows(self) -> list[Evaluation]:
+        return list(self.comparison.rows)
+
+    def row(self, label: str) -> Evaluation:
+        for r in self.comparison.rows:
+            if r.label == label:
+                return r
+        raise KeyError(f"no row {label!r}; rows: {[r.label for r in self.comparison.rows]}")
+
+    def to_dict(self) -> dict:
+        return {**self.comparison.to_dict(), "model": self.model, "dtype": self.dtype}
+
+    def to_pandas(self):
+        """One row per (respondent, presentation): indices, loss, option mass. Needs pandas (not a dependency)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install pandas (or use to_dict())") from None
+        records = []
+        for label, row in self.comparison.to_dict()["rows"].items():
+            for pres, s in row["per_presentation"].items():
+                records.append({"row": label, "presentation": pres, **s["indices"], "loss": s["loss"],
+                                "option_mass": s["option_mass"]})
+        return pd.DataFrame.from_records(records)
+
+    def table(self) -> str:
+        from .report import format_table
+
+        return format_table(self.comparison)
+
+
+def evaluate(target: str | Target, *, model: str | Runtime | None = None, adapters: Sequence[str] = (),
+             persona: bool = False, presentations: Sequence[str] = (), split: Split | None = None,
+             registry: str | Path | None = None) -> EvalResult:
+    """Score the naive model, the persona baseline (``persona=True``) and adapters (``"US@2"`` in ``registry``, or
+    adapter folders) on the VSM 2013 survey, as `culign eval` does. Without presentations or a split: the default
+    split (9 training, 6 validation, 16 held-out presentations)."""
+    tgt, rt = _target(target), _model(model)
+    survey = Survey.load()
+    sp = _split(survey, presentations, split)
+    loaded = [load_adapter(a, rt, registry) for a in adapters]
+    evaluator = Evaluator(rt, survey, tgt, sp)
+    respondents = [Respondent.naive()] + ([Respondent.with_persona(tgt.display_name)] if persona else [])
+    respondents += [Respondent(a.info.ref, a.prompt) for a in loaded]
+    comparison = Comparison(tgt, sp, [evaluator.evaluate(r) for r in respondents])
+    return EvalResult(comparison, rt.name, str(rt.dtype).replace("torch.", ""))
+
+
+def load_adapter(ref: str | Path, model: Runtime, registry: str | Path | None = None) -> LoadedAdapter:
+    """``"US"``, ``"US@2"`` in ``registry`` (default runs/adapters), or an adapter folder; checked against the
+    model (width and fingerprint). Raises AdapterNotFound / AdapterCorrupt / AdapterIncompatible."""
+    from .regions import parse_region
+
+    path = Path(ref)
+    if path.is_dir():
+        reg, name, version = Registry(path.parent.parent), path.parent.name, int(path.name)
+    else:
+        spec = parse_region(str(ref), "adapter")
+        reg, name, version = open_registry(registry or DEFAULT_REGISTRY), spec.name, spec.version
+    return reg.load(name, version, hidden_size=model.hidden_size, base_fingerprint=model.fingerprint)
+
+
+@dataclass
+class TrainResult:
+    adapter: AdapterInfo
+    report: dict = field(repr=False)
+    comparison: Comparison = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"adapter": self.adapter.to_dict(), "report": self.report}
+
+    def table(self) -> str:
+        from .report import format_table
+
+        return format_table(self.comparison)
+
+
+def train(target: str | Target, *, model: str | Runtime | None = None, registry: str | Path | None = None,
+          presentations: Sequence[str] = (), split: Split | None = None, checkpoint_dir: str | Path | None = None,
+          resume: bool = False, progress: bool = False, **search) -> TrainResult:
+    """Train one region's soft prompt (`culign train --region`) and publish it to ``registry``. ``search`` takes
+    :class:`culign.optimize.SearchConfig`'s fields (budget, popsize, tokens, dim, seed, optimizer, ...). Raises
+    ValueError for bad settings, RegistryError when the registry refuses."""
+    tgt, rt = _target(target), _model(model)
+    survey = Survey.load()
+    settings = TrainSettings(search=SearchConfig(**search), split=_split(survey, presentations, split))
+    outcome = _train(rt, survey, tgt, settings, open_registry(registry or DEFAULT_REGISTRY),
+                     checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume,
+                     progress=progress, echo=print if progress else (lambda _m: None))
+    return TrainResult(outcome.adapter, outcome.report, outcome.comparison)
+
+
+def train_regions(targets: Sequence[str | Target], *, model: str | None = None, registry: str | Path | None = None,
+                  presentations: Sequence[str] = (), split: Split | None = None, checkpoint_dir: str | None = None,
+                  resume: bool = False, ray_address: str | None = None, cpus_per_region: float = 1,
+                  gpus_per_region: float = 0, **search) -> list[RegionResult]:
+    """Many regions, one Ray task each (`culign train --regions`); one RegionResult per region, failures included.
+    Raises FanoutError when Ray is missing or the cluster cannot be reached."""
+    survey = Survey.load()
+    settings = TrainSettings(search=SearchConfig(**search), split=_split(survey, presentations, split))
+    root = str(registry or DEFAULT_REGISTRY)
+    root = root if "://" in root else str(Path(root).resolve())
+    jobs = [RegionJob(_target(t), settings, root, model, None, None, (), checkpoint_dir, resume,
+                      max(1, int(cpus_per_region))) for t in targets]
+    return fan_out(jobs, ray_address=ray_address, cpus_per_region=cpus_per_region, gpus_per_region=gpus_per_region)
+
+
+__all__ = [
+    "load_model", "region", "custom_target", "evaluate", "load_adapter", "train", "train_regions", "open_registry",
+    "EvalResult", "TrainResult", "RegionResult", "Evaluation", "Comparison", "AdapterInfo", "LoadedAdapter",
+    "Split", "Target", "Runtime",
+    "ModelLoadError", "UnknownRegionError", "SurveyDataError", "RegistryError", "RegistryUnavailable",
+    "AdapterNotFound", "AdapterCorrupt", "AdapterIncompatible", "FanoutError",
+]

@@ -1,0 +1,251 @@
+"""`culign train --regions` on a real local Ray cluster (2 nodes, 1 CPU each, started here, joined over 127.0.0.1):
+a fan-out equals the same regions trained one after another bit for bit, a SIGKILLed worker is retried and
+resumes from its checkpoint to the same adapter, checkpoints and adapters can live on S3, and bad inputs are
+usage errors that write nothing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # culign.fanout.LOOPBACK_ENV: before ray is imported
+ray = pytest.importorskip("ray")
+
+from culign.fanout import RegionJob, fan_out, kill_task_worker, run_sequential  # noqa: E402
+from culign.optimize import SearchConfig  # noqa: E402
+from culign.survey import Split  # noqa: E402
+from culign.targets import resolve  # noqa: E402
+from culign.trainer import TrainSettings  # noqa: E402
+from reliability.backends import ray_cluster  # noqa: E402
+
+pytestmark = pytest.mark.ray
+PRESENTATIONS = ["--train-presentation", "vsm/chat/asc", "--no-validation", "--heldout", "vsm/chat/desc"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny random Llama with the word tokenizer, saved as a model folder a Ray worker loads by path."""
+    from conftest import build_tiny_model, build_word_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = build_word_tokenizer()
+    build_tiny_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with ray_cluster(nodes=2, cpus_per_node=1) as address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            yield address
+        finally:
+            ray.shutdown()
+
+
+def _settings(budget=16, popsize=8) -> TrainSettings:
+    split = Split(train=("vsm/chat/asc",), heldout={"order:desc": ("vsm/chat/desc",)})
+    return TrainSettings(search=SearchConfig(tokens=2, dim=4, popsize=popsize, budget=budget, subset=0, seed=3),
+                         split=split)
+
+
+def _job(region, model, adapters, tmp_path, **kw):
+    return RegionJob(resolve(region), kw.pop("settings", _settings()), str(adapters), model, "cpu", "float32",
+                     checkpoint_dir=str(tmp_path / "ck"), threads=1, **kw)
+
+
+def _weights(result) -> bytes:
+    return (Path(result.adapter_path) / "adapter_model.safetensors").read_bytes()
+
+
+def test_fanout_equals_sequential_bit_for_bit(cluster, tiny_model_dir, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        seq = run_sequential([_job(r, tiny_model_dir, tmp_path / "seq", tmp_path / "s") for r in ("US", "CN")])
+    finally:
+        torch.set_num_threads(threads)
+    fan = fan_out([_job(r, tiny_model_dir, tmp_path / "fan", tmp_path / "f") for r in ("US", "CN")],
+                  ray_address=cluster, cpus_per_region=1)
+    assert [r.ok for r in seq + fan] == [True] * 4, [r.error for r in seq + fan]
+    assert [r.adapter for r in fan] == ["US@1", "CN@1"]
+    for a, b in zip(seq, fan):
+        assert _weights(a) == _weights(b), a.region
+        assert (a.train_loss, a.heldout_loss) == (b.train_loss, b.heldout_loss)
+
+
+def test_a_killed_worker_is_retried_and_resumes_to_the_same_adapter(cluster, tiny_model_dir, tmp_path, monkeypatch):
+    settings = _settings(budget=48, popsize=8)  # 6 generations
+    threads = torch.get_num_threads()
+    try:
+        (alone,) = run_sequential([_job("IN", tiny_model_dir, tmp_path / "alone", tmp_path / "a",
+                                        settings=settings)])
+    finally:
+        torch.set_num_threads(threads)
+    boards, killed = [], {}
+
+    def killer():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if boards:
+                snap = ray.get(boards[0].snapshot.remote()).get("IN", {})
+                if snap.get("generation", 0) >= 2 and snap.get("attempt") == 1:
+                    kill_task_worker(snap["pid"])
+                    killed.update(snap)
+            time.sleep(0.05)
+
+    # the test seam: each generation waits a little, so the kill lands mid-run and not after the last one
+    job = _job("IN", tiny_model_dir, tmp_path / "fan", tmp_path / "f", settings=settings)
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    os.environ["CULIGN_FANOUT_TEST_PAUSE_S"] = "0.5"
+    try:
+        (res,) = fan_out([job], ray_address=cluster, cpus_per_region=1, started=boards.append)
+    finally:
+        os.environ.pop("CULIGN_FANOUT_TEST_PAUSE_S", None)
+    t.join(5)
+    assert killed, "the worker was never killed"
+    assert res.ok, res.error
+    assert res.attempts == 2  # Ray retried the task once, on a fresh worker
+    assert _weights(res) == _weights(alone)
+    assert res.train_loss == alone.train_loss
+    prov = json.loads((Path(res.adapter_path) / "culign.json").read_text())
+    assert prov["report"]["resumed_from_generation"] >= 2  # it did resume, not start over
+
+
+def test_a_failing_region_is_reported_while_the_others_finish(cluster, tiny_model_dir, tmp_path):
+    good = _job("US", tiny_model_dir, tmp_path / "reg", tmp_path / "g")
+    bad = _job("CN", str(tmp_path / "no-such-model"), tmp_path / "reg", tmp_path / "b")
+    res = fan_out([good, bad], ray_address=cluster, cpus_per_region=1)
+    assert res[0].ok and not res[1].ok
+    assert "no-such-model" in res[1].error
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "culign.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_cli_regions_on_the_cluster(cluster, tiny_model_dir, tmp_path):
+    reg = tmp_path / "reg"
+    r = _cli("train", "--regions", "US,CN", "--ray-address", cluster, "--model", tiny_model_dir, "--tokens", "2",
+             "--dim", "4", "--popsize", "8", "--budget", "16", "--adapters-dir", str(reg), "--checkpoint-dir",
+             str(tmp_path / "ck"), *PRESENTATIONS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "US@1" in r.stdout and "CN@1" in r.stdout and "gain kept" in r.stdout
+    for region in ("US", "CN"):  # the live lines (on a pipe: one per change): generations, best loss, ETA, done
+        assert any(ln.startswith(region) and "gen 2/2" in ln and "best L1" in ln and "ETA" in ln
+                   for ln in r.stderr.splitlines()), r.stderr[-2000:]
+        assert any(ln.startswith(region) and " done " in ln for ln in r.stderr.splitlines())
+    assert sorted(p.parent.name for p in reg.glob("*/1")) == ["CN", "US"]
+    r = _cli("train", "--regions", "US,CN", "--ray-address", cluster, "--model", tiny_model_dir, "--tokens", "2",
+             "--dim", "4", "--popsize", "8", "--budget", "16", "--adapters-dir", str(reg), "--json",
+             "--no-progress", *PRESENTATIONS)
+    assert [x["adapter"] for x in json.loads(r.stdout)] == ["US@2", "CN@2"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--regions", "US,Narnia"], "unknown region 'Narnia'"),
+    (["--regions", "@/no/such/file"], "cannot read"),
+    (["--regions", ""], "no region"),
+    (["--regions", "US", "--region", "CN"], "not both"),
+    (["--regions", "US", "--ray-address", "127.0.0.1:9"], "no Ray cluster at 127.0.0.1:9"),
+    (["--regions", "US", "--ray-address", "nonsense"], "HOST:PORT"),
+])
+def test_bad_fanout_input_is_a_usage_error_and_writes_nothing(args, words, tmp_path):
+    reg = tmp_path / "reg"
+    r = _cli("train", *args, "--adapters-dir", str(reg), "--no-progress", timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert words in r.stderr and "Traceback" not in r.stderr
+    assert not reg.exists()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    pytest.importorskip("s3fs")
+    from reliability.backends import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("weed")) as server:
+        server.make_bucket("fanout")
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)  # the driver's AWS environment travels to the tasks
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _kill_at(boards, region, generation, killed):
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not killed:
+        if boards:
+            snap = ray.get(boards[0].snapshot.remote()).get(region, {})
+            if snap.get("generation", 0) >= generation and snap.get("attempt") == 1:
+                kill_task_worker(snap["pid"])
+                killed.update(snap)
+        time.sleep(0.05)
+
+
+@pytest.mark.s3
+def test_checkpoints_and_adapters_on_s3_survive_a_killed_worker(cluster, s3, tiny_model_dir, tmp_path):
+    """Nothing shared on disk: the registry and the checkpoints are S3 URLs, the retry reads the checkpoint back."""
+    from culign.registry import open_registry
+
+    settings = _settings(budget=40, popsize=8)
+    threads = torch.get_num_threads()
+    try:
+        (alone,) = run_sequential([_job("SA", tiny_model_dir, tmp_path / "alone", tmp_path / "a", settings=settings)])
+    finally:
+        torch.set_num_threads(threads)
+    job = RegionJob(resolve("SA"), settings, "s3://fanout/adapters", tiny_model_dir, "cpu", "float32",
+                    checkpoint_dir="s3://fanout/checkpoints", threads=1)
+    boards, killed = [], {}
+    t = threading.Thread(target=_kill_at, args=(boards, "SA", 2, killed), daemon=True)
+    t.start()
+    os.environ["CULIGN_FANOUT_TEST_PAUSE_S"] = "0.5"
+    try:
+        (res,) = fan_out([job], ray_address=cluster, cpus_per_region=1, started=boards.append)
+    finally:
+        os.environ.pop("CULIGN_FANOUT_TEST_PAUSE_S", None)
+    assert killed and res.ok and res.attempts == 2, (killed, res)
+    loaded = open_registry("s3://fanout/adapters", cache_dir=tmp_path / "c").load("SA")
+    assert loaded.info.ref == res.adapter == "SA@1"
+    assert loaded.provenance["report"]["resumed_from_generation"] >= 2
+    assert (Path(alone.adapter_path) / "adapter_model.safetensors").read_bytes() == \
+        (loaded.info.path / "adapter_model.safetensors").read_bytes()
+    import s3fs
+
+    assert s3fs.S3FileSystem(skip_instance_cache=True).glob("fanout/checkpoints/SA-*") == []  # done: cleaned
+
+
+def test_ctrl_c_keeps_every_checkpoint_and_resume_finishes_them(cluster, tiny_model_dir, tmp_path):
+    import signal
+
+    reg, ck = tmp_path / "reg", tmp_path / "ck"
+    args = ["train", "--regions", "US,CN", "--ray-address", cluster, "--model", tiny_model_dir, "--tokens", "2",
+            "--dim", "4", "--popsize", "8", "--budget", "48", "--adapters-dir", str(reg), "--checkpoint-dir",
+            str(ck), "--no-progress", "--json", *PRESENTATIONS]
+    proc = subprocess.Popen([sys.executable, "-m", "culign.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CULIGN_FANOUT_TEST_PAUSE_S": "1"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(ck.glob("*.json"))) < 2:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    assert sorted(p.name.split("-")[0] for p in ck.glob("*.json")) == ["CN", "US"]  # both checkpoints kept
+    r = _cli("train", *args[1:], "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    done = json.loads(r.stdout)
+    assert all(x["ok"] and not x["interrupted"] for x in done)
+    assert not list(ck.glob("*.json"))  # finished runs clean up their checkpoints
