@@ -18,17 +18,28 @@ $(BIN)/culign: pyproject.toml
 .PHONY: setup demo test bench image
 setup: $(BIN)/culign
 
-# The demo trains on 3 presentations and measures on 3 held-out ones (a new wording, a new template, the reversed
-# scale), with the search capped at 4 minutes so that the whole job fits in 10 on a slow 2-core machine.
-# `culign train --region US` alone runs the full robust split (9 training, 6 validation, 16 held-out presentations).
+# The demo first asks whether the model's answers mean anything (`culign validity`, digit read-out: ~36 presentation-
+# evaluations, cached after the first run), then trains on 3 presentations and measures on 3 held-out ones (a new
+# wording, a new template, the reversed scale), with the search capped at 3 minutes so that the whole job fits in
+# about 10 on a slow 2-core machine. The embedded 135M model fails the check, so the demo trains with --force-invalid:
+# the pipeline runs end to end and the adapter is marked as trained on an invalid model.
+# `culign train --region US` alone checks both read-outs, and refuses (exit 2) when neither passes.
 DEMO_SPLIT := --train-presentation vsm/chat/asc --train-presentation plain/inline/asc \
 	--train-presentation terse/form/asc --no-validation \
 	--heldout formal/chat/asc --heldout vsm/interview/asc --heldout vsm/chat/desc
-DEMO_MINUTES ?= 4
+DEMO_MINUTES ?= 3
 
 demo: setup  ## the main job on the embedded model
+	@echo "== 1. Does the model's answer follow meaning and culture? (culign validity) =="
+	$(BIN)/culign validity --readout digit
+	@echo ""
+	@echo "== The verdict above is the embedded SmolLM2-135M's own: unless it says 'follows meaning and culture',"
+	@echo "== its survey answers do not carry a culture, and a prompt tuned on them is not an alignment."
+	@echo "== culign train refuses such a model (exit 2); the demo trains anyway with --force-invalid, so that you"
+	@echo "== see the whole pipeline. The adapter is marked as trained on an invalid model. =="
+	@echo ""
 	$(BIN)/culign train --region $(REGION) --budget 400 --max-minutes $(DEMO_MINUTES) $(DEMO_SPLIT) \
-		--adapters-dir runs/adapters
+		--readout digit --force-invalid --adapters-dir runs/adapters
 
 test: setup
 	$(BIN)/pytest -q

@@ -6,7 +6,8 @@ Per precision (float32, the scoring default; bfloat16 where the CPU has it nativ
   bf16 + fp32 head   (bf16 only) the trunk in bf16, the final norm, head and softmax in float32: speed, and how far
                  a 0.1 % nudge of the prompt moves the indices (rounding noise the search would chase)
   peer           generate-and-parse: one `generate` per item, the first digit parsed from the text
-and the machine's own matmul rate in that precision, to report achieved GFLOP/s (2 x params x tokens) as a
+the label read-out's cost against the digit one (`--readout-candidates` candidates on vsm/label_chat/asc and on
+vsm/chat/asc, the same wording with and without digits; float32), and the machine's own matmul rate in that precision, to report achieved GFLOP/s (2 x params x tokens) as a
 fraction of it. The remaining levers are counted from the prepared token trees: padding inside suffix batches,
 and the prefix that presentations sharing a template could share. The cost of a whole robust run (subsets of
 presentations per generation, paired re-scoring, elites) is bench/train.py's job.
@@ -101,6 +102,22 @@ def measure(dtype: str, variant: str, args, survey: Survey) -> dict:
     return out
 
 
+def readout_cost(args, survey: Survey) -> dict:
+    """Seconds per presentation-evaluation (one candidate on one presentation) of each read-out, and the tokens one
+    candidate costs there (the label read-out's continuations counted)."""
+    rt = Runtime.load(dtype="float32", scoring=True)
+    names = {"digit": TODAY, "label": "vsm/label_chat/asc"}
+    scorer = SurveyScorer(rt, survey, list(names.values()), answer_cache=None)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randn(args.readout_candidates, args.tokens, rt.hidden_size, generator=g) * \
+        float(rt.embedding_matrix.float().std())
+    out = {}
+    for readout, name in names.items():
+        t = timed(lambda: scorer.answers(prompts, [name]))
+        out[readout] = {"presentation": name, "s_per_eval": t / args.readout_candidates, "tokens": scorer.tokens(name)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--candidates", type=int, default=16)
@@ -109,7 +126,13 @@ def main() -> None:
     ap.add_argument("--dtype", action="append", default=None,
                     help="dtypes to measure (repeatable; default: float32, and bfloat16 where the CPU has it natively)")
     ap.add_argument("--quick", action="store_true", help="skip the 9-presentation measurement")
+    ap.add_argument("--readout-candidates", type=int, default=8,
+                    help="candidates for the label-vs-digit read-out cost (0 skips it)")
+    ap.add_argument("--readout-only", action="store_true", help="measure only the read-out cost")
     args = ap.parse_args()
+    if args.readout_only:
+        _print_readout_cost(readout_cost(args, Survey.load()), args)
+        return
     dtypes = args.dtype or (["float32", "bfloat16"] if cpu_bf16_native() else ["float32"])
     survey = Survey.load()
     print(f"CPU: {cpu_capability()}; SmolLM2-135M-Instruct, {args.candidates} candidates x 24 items, "
@@ -145,6 +168,18 @@ def main() -> None:
           f"{r['sharable']:.1%} of the tokens (soft prompt + system turn)")
     print(f"tokens per candidate: {TODAY} {r['tokens'][TODAY]}, the 9 training presentations "
           f"{statistics.mean(r['tokens'].values()):.0f} on average")
+    if args.readout_candidates:
+        _print_readout_cost(readout_cost(args, survey), args)
+
+
+def _print_readout_cost(cost: dict, args) -> None:
+    d, lab = cost["digit"], cost["label"]
+    print(f"\nread-out cost (float32, {args.readout_candidates} candidates, {cpu_capability()}):")
+    for readout, c in cost.items():
+        print(f"  {readout:<6} {c['presentation']:<22} {c['s_per_eval']:.3f} s per presentation-evaluation, "
+              f"{c['tokens']} tokens per candidate")
+    print(f"  label / digit: {lab['s_per_eval'] / d['s_per_eval']:.2f}x the time, {lab['tokens'] / d['tokens']:.2f}x "
+          "the tokens (the five labels are continuations on the item's KV cache: only their own tokens are added)")
 
 
 if __name__ == "__main__":

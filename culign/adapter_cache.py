@@ -159,6 +159,12 @@ class AdapterCache:
             return {r: [v for v, info in sorted(vs.items()) if info not in self._refused]
                     for r, vs in sorted(self._infos.items())}
 
+    def forced_invalid(self, region: str) -> list[int]:
+        """Versions of ``region`` trained with --force-invalid (their model failed the validity check), from the last
+        scan's provenance; no rescan, so the event loop may call it."""
+        with self._lock:
+            return [v for v, info in sorted(self._infos.get(region, {}).items()) if info.forced_invalid]
+
     def _canonical(self, name: str) -> str | None:
         """The registry's own spelling of a region: its name case-insensitively, else the CLI's alias lookup."""
         by_lower = {r.lower(): r for r in [*self._unlisted, *self._infos]}

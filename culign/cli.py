@@ -12,7 +12,7 @@ import click
 
 from . import __version__
 from .optimize import STRATEGIES as _STRATEGIES, Optimizer, SearchConfig
-from .survey import DEFAULT_SPLIT, DIMENSIONS, ORDERS, Split, SurveyDataError, persona_line
+from .survey import DEFAULT_SPLIT, DIMENSIONS, ORDERS, READOUTS, Split, SurveyDataError, persona_line
 from .targets import SAUDI_VARIANTS, DEFAULT_SAUDI_VARIANT, Target, UnknownRegionError, parse_custom, resolve, TABLE
 
 _CFG = SearchConfig()  # the train command's defaults are SearchConfig's, stated once
@@ -49,15 +49,54 @@ def _survey(wording_files):
         raise click.BadParameter(str(e), param_hint="--wording-file") from None
 
 
-def _split(survey, train, heldout, validation, no_validation: bool, presentations=()) -> Split:
-    """The split a command runs on: --presentation alone (no held-out), or the default split with overrides."""
+def _split(survey, train, heldout, validation, no_validation: bool, presentations=(), readout: str = "digit") -> Split:
+    """The split a command runs on: --presentation alone (no held-out), or the read-out's default split with
+    overrides."""
     try:
         if presentations:
             return Split(tuple(survey.expand(presentations)))
-        return survey.split(train, heldout, [] if no_validation else (validation or None))
+        return survey.split(train, heldout, [] if no_validation else (validation or None), readout=readout)
     except ValueError as e:
         hint = "--presentation" if presentations else "--train-presentation/--heldout/--validation"
         raise click.BadParameter(str(e), param_hint=hint) from None
+
+
+class _Refused(click.ClickException):
+    """The model failed the validity check and training was not forced: exit 2, like any usage error."""
+    exit_code = 2
+
+
+def _checks(rt, survey, readouts, use_cache: bool = True, progress: bool = True) -> dict:
+    """The validity check of each read-out (culign.validity): from the cache when there, else measured with a
+    progress bar on stderr."""
+    from tqdm import tqdm
+
+    from . import validity
+
+    out, todo = {}, []
+    for r in readouts:
+        hit = validity.cached(rt, r) if use_cache else None
+        if hit is not None:
+            out[r] = hit
+        else:
+            todo.append(r)
+    if todo:
+        bar = tqdm(total=sum(validity.steps(r) for r in todo), desc=f"validity check ({', '.join(todo)})",
+                   unit="presentation", disable=not progress, dynamic_ncols=True, leave=True)
+        for r in todo:
+            out[r] = validity.check(rt, survey, r, use_cache=False, on_step=lambda _: bar.update())
+        bar.close()
+    return {r: out[r] for r in readouts}
+
+
+def _validity_text(checks: dict) -> str:
+    from .report import format_validity
+
+    return format_validity({r: v.summary() for r, v in checks.items()})
+
+
+def readout_option(help_text: str):
+    return click.option("--readout", type=click.Choice(list(READOUTS)), default=None, help=help_text)
 
 
 class _status:
@@ -223,19 +262,20 @@ def regions_cmd(as_json: bool, saudi_variant: str):
 
 @main.command("presentations")
 @split_options
+@readout_option("Show the default split of this read-out (default: digit).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def presentations_cmd(train, heldout, validation, no_validation, wording_files, as_json):
+def presentations_cmd(train, heldout, validation, no_validation, wording_files, readout, as_json):
     """List the wordings, templates and orders, and the split: which presentations train, which validate and
     which are held out, family by family.
 
     A presentation is WORDING/TEMPLATE/ORDER, e.g. vsm/chat/asc. Outputs: a listing (or JSON) on stdout.
     """
     survey = _survey(wording_files)
-    split = _split(survey, train, heldout, validation, no_validation)
+    split = _split(survey, train, heldout, validation, no_validation, readout=readout or "digit")
     if as_json:
         click.echo(json.dumps({
             "wordings": {n: {"title": w.title, "note": w.note, "source": w.source} for n, w in survey.wordings.items()},
-            "templates": {n: {"note": t.note, "system": t.system, "prefill": t.prefill}
+            "templates": {n: {"note": t.note, "system": t.system, "prefill": t.prefill, "readout": t.readout}
                           for n, t in survey.templates.items()},
             "orders": list(ORDERS), "presentations": survey.presentation_names(), "split": split.to_dict(),
             "leaks": split.leaks()}, indent=2))
@@ -245,7 +285,7 @@ def presentations_cmd(train, heldout, validation, no_validation, wording_files, 
         click.echo(f"  {n:<10} {w.title}: {w.note[:90]}{'...' if len(w.note) > 90 else ''}")
     click.echo("templates:")
     for n, t in survey.templates.items():
-        click.echo(f"  {n:<10} {t.note}")
+        click.echo(f"  {n:<16} [{t.readout}] {t.note}")
     click.echo(f"orders:\n  asc        digit k means answer k\n  desc       the scale renumbered: digit k means "
                f"answer 6-k\n\n{len(survey.presentation_names())} presentations (wording x template x order).\n")
     click.echo(f"train ({len(split.train)}): {', '.join(split.train)}")
@@ -257,6 +297,49 @@ def presentations_cmd(train, heldout, validation, no_validation, wording_files, 
                                     "training" if not leaks else "; ".join(leaks)))
 
 
+@main.command("validity")
+@click.option("--readout", type=click.Choice([*READOUTS, "all"]), default="all", show_default=True,
+              help="Which read-out to check: digit (the option symbol after the prefill), label (each option's "
+                   "label text scored as the continuation) or all.")
+@click.option("--no-cache", is_flag=True, help="Measure again even when a cached result exists (and store it).")
+@click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every number, per presentation).")
+def validity_cmd(readout, no_cache, progress, model, device, dtype, as_json):
+    """Does the model's answer follow meaning and culture? Checked per read-out, before anything is trained.
+
+    The bare model and persona lines for a fixed panel of 8 countries (United States, China, India, Japan, Sweden,
+    Germany, Brazil, Russia) answer the survey in 2 wordings x both scale orders. Measured: the order slope
+    (persona moves on the reversed scale against the ascending one: +1 follows the labels, -1 the position),
+    agreement of the countries' differences across the two wordings (correlation), the persona spread across the
+    panel against the bare model's noise band, Kendall's tau between the panel's indices and Hofstede's scores, and
+    the option mass. Verdict per read-out: "follows meaning and culture", "follows position" or "no cultural
+    signal"; the thresholds and why they are where they are: README, "Is the model's answer valid?".
+
+    Cached per model, read-out and culign version (~/.cache/culign/validity); `culign train` reads the cache and
+    trains only on a read-out that passes. Outputs: the numbers and verdicts (or JSON) on stdout.
+    """
+    from . import validity
+
+    rt = _runtime(model, device, dtype)
+    survey = _survey(())
+    readouts = list(READOUTS) if readout == "all" else [readout]
+    checks = _checks(rt, survey, readouts, use_cache=not no_cache, progress=progress)
+    if as_json:
+        click.echo(json.dumps({r: {**v.to_dict(), "from_cache": v.from_cache} for r, v in checks.items()}, indent=2))
+        return
+    first = next(iter(checks.values()))
+    click.echo(f"{rt.name}: {len(first.panel)} persona countries ({', '.join(first.panel)}) and the bare model")
+    for r, v in checks.items():
+        click.echo(f"  {r}: {', '.join(v.presentations)} ({validity.steps(r)} presentation-evaluations, "
+                   f"{v.wall_time_s:.0f} s{', from the cache' if v.from_cache else ''}"
+                   f"{'; ' + v.environment['cpu'] if v.environment.get('cpu') else ''})")
+    click.echo(_validity_text(checks))
+    if not any(v.passes for v in checks.values()):
+        click.echo("\nno read-out passes: this model's answers are not known to carry a culture, and `culign train` "
+                   "refuses to train on it (exit 2) unless given --force-invalid.")
+
+
 @main.command("eval")
 @target_options
 @click.option("--adapter", "adapters", multiple=True, metavar="PATH|REGION[@V]",
@@ -266,11 +349,16 @@ def presentations_cmd(train, heldout, validation, no_validation, wording_files, 
               f"'{persona_line('<country>')}'.")
 @click.option("--presentation", "presentations", multiple=True, metavar="PRESENTATION",
               help="Score only these presentations (names or patterns; repeatable); no held-out columns then.")
+@readout_option("digit: the option symbol after the prefill; label: each option's label text scored as the "
+                "continuation (its own templates, options without digits). Picks the default split. Default: the "
+                "(first) adapter's read-out, else digit.")
+@click.option("--validity/--no-validity", default=True, help="Show the model's validity check for the read-out "
+              "(from the cache; measured first when absent, a few minutes on a CPU).")
 @split_options
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def eval_cmd(region, target_spec, saudi_variant, adapters, adapters_dir, icl, presentations, train, heldout,
-             validation, no_validation, wording_files, model, device, dtype, as_json):
+def eval_cmd(region, target_spec, saudi_variant, adapters, adapters_dir, icl, presentations, readout, validity,
+             train, heldout, validation, no_validation, wording_files, model, device, dtype, as_json):
     """Score the naive model (and the persona baseline, and adapters) on the VSM 2013 survey for a region.
 
     Each row is scored on every presentation of the split: training, validation and held-out losses, gain kept
@@ -285,13 +373,15 @@ def eval_cmd(region, target_spec, saudi_variant, adapters, adapters_dir, icl, pr
     rt = _runtime(model, device, dtype)
     survey = _survey(wording_files)
     loaded = [_load_adapter(name, _registry_dir(adapters_dir), rt) for name in adapters]
-    if loaded and not (presentations or train or heldout or validation or no_validation) \
+    readout = readout or (loaded[0].provenance.get("readout") if loaded else None) or "digit"
+    if loaded and not (presentations or train or heldout or validation or no_validation or readout
+                       != (loaded[0].provenance.get("readout") or "digit")) \
             and "split" in loaded[0].provenance:
         s = loaded[0].provenance["split"]
         split = Split(tuple(s["train"]), {k: tuple(v) for k, v in s.get("validation", {}).items()},
                       {k: tuple(v) for k, v in s.get("heldout", {}).items()})
     else:
-        split = _split(survey, train, heldout, validation, no_validation, presentations)
+        split = _split(survey, train, heldout, validation, no_validation, presentations, readout=readout)
     try:
         evaluator = Evaluator(rt, survey, target, split)
     except ValueError as e:
@@ -307,14 +397,18 @@ def eval_cmd(region, target_spec, saudi_variant, adapters, adapters_dir, icl, pr
     for row, a in zip(rows[len(respondents) - len(loaded):], loaded):
         row.extra["adapter"] = str(a.info.path)
     comparison = Comparison(target, split, rows)
+    checks = _checks(rt, survey, [readout], progress=not as_json) if validity else {}
     if as_json:
         click.echo(json.dumps({**comparison.to_dict(), "model": rt.name, "presentations": split.all_names,
-                               "dtype": str(rt.dtype).replace("torch.", ""),
+                               "dtype": str(rt.dtype).replace("torch.", ""), "readout": readout,
+                               "validity": {r: v.summary() for r, v in checks.items()},
                                "rows": [comparison.to_dict()["rows"][r.label] for r in rows]}, indent=2))
     else:
-        click.echo(f"{target.name} ({target.key}) on {rt.name}: {len(split.train)} training, "
+        click.echo(f"{target.name} ({target.key}) on {rt.name}, {readout} read-out: {len(split.train)} training, "
                    f"{len(split.validation_names)} validation, {len(split.heldout_names)} held-out presentation(s)\n")
         click.echo(format_table(comparison))
+        if checks:
+            click.echo("\n" + _validity_text(checks))
 
 
 def _floats(text: str) -> tuple[float, float]:
@@ -368,6 +462,12 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--init", "init", default="persona", show_default=True, type=click.Choice(["persona", "vocab", "text"]),
               help="P0: embeddings of the persona line (the search starts at it), random vocab tokens, or --init-text.")
 @click.option("--init-text", default=None, help="Text whose token embeddings form P0 (with --init text).")
+@readout_option("How answers are read: digit (the option symbol after the prefill) or label (each option's label "
+                "scored as the continuation; its own templates). Default: the read-out that passes the model's "
+                "validity check (`culign validity`), run first (from the cache when there).")
+@click.option("--force-invalid", is_flag=True, help="Train although no read-out passes the validity check (a "
+              "pipeline check, not an alignment): the adapter is marked so in its provenance, `adapters list`, "
+              "the report and /v1/models. Without it such a model stops the run with exit 2.")
 @split_options
 @registry_option
 @click.option("--checkpoint-dir", default=None, type=StoreLocation(),
@@ -380,9 +480,9 @@ def _floats(text: str) -> tuple[float, float]:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, rotate_every, tokens, dim, bound, scale, popsize,
-              budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, train,
-              heldout, validation, no_validation, wording_files, adapters_dir, checkpoint_dir, regions, cpus_per_region,
-              gpus_per_region, ray_address, resume, progress, model, device, dtype, as_json):
+              budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, readout,
+              force_invalid, train, heldout, validation, no_validation, wording_files, adapters_dir, checkpoint_dir,
+              regions, cpus_per_region, gpus_per_region, ray_address, resume, progress, model, device, dtype, as_json):
     """Tune a soft prompt black-box so the frozen model's VSM 2013 indices match a region on every wording.
 
     Scores the naive model and the persona baseline on every presentation of the split, searches on the training
@@ -399,29 +499,47 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
     and the table on stdout. Ctrl-C saves the best prompt so far (marked interrupted) and exits 130; a killed
     run continues with --resume.
 
+    \b
+    Before anything is trained, the model's validity check (`culign validity`) runs for the read-out (or for both,
+    without --readout; from the cache when there). Training uses the read-out that passes; where that read-out
+    follows meaning (order slope >= 0.5) and the split is the default one, it trains on both scale orders
+    (held-out families stay disjoint). When none passes, the run stops with the numbers and exit 2, unless
+    --force-invalid.
+
     With --regions, every region is trained as its own Ray task (the same training, one region per task, on a
     local Ray started on demand or the cluster at --ray-address): one live line per region, then a table.
+    (The validity gate runs for a single region; with --regions it is not applied yet: run `culign validity` first.)
     """
+    from .survey import order_balanced
     from .trainer import TrainSettings, train as run_train
+    from .validity import InvalidModelError, choose_readout
 
     if regions is not None and (region or target_spec):
         raise click.UsageError("give --regions, or one --region / --target, not both")
     targets = _regions(regions, saudi_variant) if regions is not None else None
     target = targets[0] if targets else _target(region, target_spec, saudi_variant, name)
     survey = _survey(wording_files)
-    split = _split(survey, train, heldout, validation, no_validation)
     try:
-        settings = TrainSettings(
-            search=SearchConfig(optimizer=optimizer, tokens=tokens, dim=dim, bound=bound, scale=scale,
-                                popsize=popsize, budget=budget, subset=subset, rotate_every=rotate_every, robust=robust,
-                                strategy=strategy,
-                                max_seconds=None if max_minutes is None else 60.0 * max_minutes,
-                                mutation=_floats(mutation), recombination=recombination, sigma=sigma, elites=elites,
-                                seed=seed, init=init, init_text=init_text),
-            split=split)
+        search = SearchConfig(optimizer=optimizer, tokens=tokens, dim=dim, bound=bound, scale=scale,
+                              popsize=popsize, budget=budget, subset=subset, rotate_every=rotate_every, robust=robust,
+                              strategy=strategy, max_seconds=None if max_minutes is None else 60.0 * max_minutes,
+                              mutation=_floats(mutation), recombination=recombination, sigma=sigma, elites=elites,
+                              seed=seed, init=init, init_text=init_text)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    if targets:
+    if readout is None and train:  # named training presentations say which read-out they are written for
+        try:
+            readout = survey.readout_of(survey.expand(train)[0])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--train-presentation") from None
+    if readout is not None:
+        _split(survey, train, heldout, validation, no_validation, readout=readout)  # a bad split fails before loading
+    if targets:  # the fan-out: every region as its own task, on the read-out asked for (no gate here yet)
+        try:
+            settings = TrainSettings(search=search, split=_split(survey, train, heldout, validation, no_validation,
+                                                                 readout=readout or "digit"))
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
         from .fanout import RegionJob
 
         root = _registry_dir(adapters_dir)
@@ -435,9 +553,34 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
 
     registry = _open_registry(_registry_dir(adapters_dir), check=True)  # before the model: a bad store costs nothing
     rt = _runtime(model, device, dtype)
+    checks = _checks(rt, survey, [readout] if readout else list(READOUTS), progress=progress)
+    block = _validity_text(checks)
+    try:
+        chosen, forced = choose_readout(checks, readout, force_invalid)
+    except InvalidModelError as e:
+        raise _Refused(f"{e}.\n{block}\nThe model's answers do not follow meaning and culture well enough for an "
+                       "alignment to mean anything (README: \"Is the model's answer valid?\"). To run the pipeline "
+                       "anyway, add --force-invalid: the adapter is then marked as trained on an invalid model.") \
+            from None
+    click.echo(block, err=True)
+    if forced:
+        click.echo(f"--force-invalid: training on the {chosen} read-out although it {checks[chosen].verdict}; the "
+                   "adapter is marked as trained on an invalid model", err=True)
+    split = _split(survey, train, heldout, validation, no_validation, readout=chosen)
+    balanced = checks[chosen].follows_meaning and not (train or heldout or validation or no_validation)
+    if balanced:
+        split = order_balanced(split)
+        click.echo(f"the {chosen} read-out follows meaning: training on both scale orders "
+                   f"({len(split.train)} presentations)", err=True)
+    try:
+        settings = TrainSettings(search=search, split=split)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     try:
         outcome = run_train(rt, survey, target, settings, registry, checkpoint_dir=checkpoint_dir,
-                            resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True))
+                            resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True),
+                            readout=chosen, validity={r: v.summary() for r, v in checks.items()},
+                            forced_invalid=forced, order_balanced=balanced)
     except (ValueError, RegistryError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:  # before the search began (or after it, while saving): nothing half-written is kept
@@ -606,7 +749,8 @@ def adapters_list(ctx, adapters_dir, as_json: bool):
         pres = "-" if i.train_presentations is None else f"{i.train_presentations} pres."
         click.echo(f"{i.ref:<12}{i.num_virtual_tokens:>7}{pres:>11}{fmt(i.loss):>7}{fmt(i.heldout_loss):>10}"
                    f"{kept(i.gain_kept):>6}  {i.created:<26}{i.base_model}"
-                   + ("  INTERRUPTED (best prompt so far)" if i.interrupted else ""))
+                   + ("  INTERRUPTED (best prompt so far)" if i.interrupted else "")
+                   + ("  INVALID MODEL (trained with --force-invalid)" if i.forced_invalid else ""))
     if not infos:
         click.echo(f"(no adapters in {registry.root})")
     for w in warnings:
@@ -639,7 +783,7 @@ def adapters_show(ctx, ref: str, adapters_dir, as_json: bool):
     for key in ("base_model", "base_fingerprint", "created", "culign_version", "seed", "optimizer", "robust",
                 "evaluations", "presentation_evaluations", "loss", "validation_loss", "heldout_loss", "gain_kept",
                 "naive_loss", "icl_loss", "option_mass", "train_presentations", "heldout_presentations",
-                "interrupted", "weights_sha256"):
+                "interrupted", "readout", "forced_invalid", "weights_sha256"):
         if key in prov:
             click.echo(f"  {key:<26}{prov[key]}")
     settings = prov.get("search") or prov.get("de")

@@ -123,6 +123,8 @@ class AdapterInfo:
     gain_kept: float | None = None
     train_presentations: int | None = None  # how many presentations it was trained on (1: a single wording)
     interrupted: bool = False  # saved from a search stopped before its budget was spent
+    readout: str = "digit"  # how answers were read in training (culign.validity, survey.READOUTS)
+    forced_invalid: bool = False  # trained with --force-invalid: no read-out of its model passed the validity check
 
     @property
     def ref(self) -> str:
@@ -134,7 +136,7 @@ class AdapterInfo:
                 "num_virtual_tokens": self.num_virtual_tokens, "token_dim": self.token_dim,
                 "created": self.created, "loss": self.loss, "heldout_loss": self.heldout_loss,
                 "gain_kept": self.gain_kept, "train_presentations": self.train_presentations,
-                "interrupted": self.interrupted}
+                "interrupted": self.interrupted, "readout": self.readout, "forced_invalid": self.forced_invalid}
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,9 @@ def _read_info(region: str, version: int, path: Path) -> tuple[AdapterInfo, dict
         gain_kept=_optional_float(prov.get("gain_kept")),
         train_presentations=len(prov["train_presentations"]) if isinstance(prov.get("train_presentations"), list)
         else None,
-        interrupted=prov.get("interrupted") is True)
+        interrupted=prov.get("interrupted") is True,
+        readout=prov.get("readout") if isinstance(prov.get("readout"), str) else "digit",
+        forced_invalid=prov.get("forced_invalid") is True)
     return info, prov
 
 

@@ -106,6 +106,25 @@ def format_table(comparison: Comparison, seen_range: Mapping[str, Sequence[float
     return "\n".join(lines)
 
 
+def format_validity(checks: Mapping[str, Mapping]) -> str:
+    """The validity block (culign.validity): per read-out the order slope, agreement, persona spread against the
+    noise band, Kendall's tau with Hofstede, option mass and the verdict line. ``checks``: read-out -> a
+    ValidityReport's ``summary()`` or ``to_dict()`` (as report.json and culign.json keep them)."""
+    lines = ["validity (does an answer follow meaning and culture? culign validity --help says how it is measured):"]
+    for readout, v in checks.items():
+        tau = v.get("tau") or {}
+        lines.append(f"  {readout:<6} order slope {_fmt(v.get('order_slope'), '+.2f')} (>= 0.5: follows the labels; "
+                     f"-1: the position), agreement across wordings {_fmt(v.get('agreement'), '+.2f')} (>= 0.5), "
+                     f"persona spread {_fmt(v.get('spread_mean'))} vs noise band {_fmt(v.get('noise_band_mean'))} "
+                     f"(x{_fmt(v.get('spread_ratio'), '.2f')}, >= 1)")
+        lines.append(f"  {'':<6} Kendall's tau with Hofstede {_fmt(v.get('tau_mean'), '+.2f')} (>= 0.3; "
+                     + " ".join(f"{d} {_fmt(tau.get(d), '+.2f')}" for d in DIMENSIONS)
+                     + f"), option mass {_fmt(v.get('option_mass'), '.2f')}")
+        why = "; ".join(v.get("reasons") or [])
+        lines.append(f"  {readout:<6} verdict: {v.get('verdict')}" + (f" ({why})" if why else ""))
+    return "\n".join(lines)
+
+
 def radar_chart(comparison: Comparison, out: io.BytesIO | BinaryIO, fmt: str = "png") -> None:
     """Target vs every row, on the training presentations (left) and the held-out ones (right), as PNG or SVG
     (each series a group with id ``series-<label>``, so a page or a test can find it)."""
@@ -221,6 +240,13 @@ def html_report(report: Mapping, comparison: Comparison, title: str | None = Non
            f"<p class=muted>{e(t.name)} ({e(t.key)}), target source: {e(t.source)}; model {e(str(report.get('model', '')))}"
            f", {e(str(report.get('dtype', '')))}; {len(c.split.train)} training, {len(c.split.validation_names)} "
            f"validation, {len(c.split.heldout_names)} held-out presentations</p>"]
+    if report.get("forced_invalid"):
+        out.append("<div class=banner><b>Trained with --force-invalid:</b> no read-out of this model passed the "
+                   "validity check, so its answers are not known to carry a culture; this adapter's numbers are a "
+                   "pipeline check, not an alignment.</div>")
+    if report.get("validity"):
+        out.append(f"<h2>Validity (read-out used: {e(str(report.get('readout', 'digit')))})</h2><pre>"
+                   f"{e(format_validity(report['validity']))}</pre>")
     if report.get("interrupted"):
         out.append("<div class=banner><b>Interrupted run:</b> the search was stopped before its budget was spent; "
                    "the adapter holds the best prompt found so far.</div>")
@@ -286,7 +312,7 @@ def html_report(report: Mapping, comparison: Comparison, title: str | None = Non
                    + "".join(f"<td>{_cell(r.scores[n].loss if n in r.scores else None)}</td>" for r in c.rows)
                    + "</tr>")
     out.append("</table></details>")
-    prov = {k: report.get(k) for k in ("model", "dtype", "device", "cpu", "optimizer", "robust", "seed", "evaluations",
+    prov = {k: report.get(k) for k in ("model", "readout", "forced_invalid", "dtype", "device", "cpu", "optimizer", "robust", "seed", "evaluations",
                                        "presentation_evaluations", "generations", "search_wall_time_s",
                                        "wall_time_s", "selected_by", "persona", "constant", "interrupted")
             if report.get(k) is not None}

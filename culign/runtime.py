@@ -547,6 +547,124 @@ class Runtime:
                 out[g].append(logits.log_softmax(-1)[:, opt].view(b, Q, len(opt)))
         return [torch.cat(parts) for parts in out]
 
+    @torch.inference_mode()
+    def continuation_logprobs(self, shared_ids: Sequence[int],
+                              groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]],
+                                                     Sequence[Sequence[Sequence[int]]]]],
+                              soft_prompts: torch.Tensor | None, block: int = DEFAULT_BLOCK) -> list[torch.Tensor]:
+        """Label read-out: the log-likelihood of each continuation after ``[soft prompt][shared][prefix][suffix]``.
+
+        ``groups`` is a list of (group prefix, suffixes, continuations) with ``continuations[q]`` the K token-id
+        lists scored after suffix q. The result has one ``[S, Q_g, K]`` tensor (float32) per group: the sum over a
+        continuation's tokens of log p(token | everything before it), each normalised over the whole vocabulary.
+
+        The prefix tree of :meth:`option_logprobs` is shared, and the continuations hang off each suffix as
+        branches of a tree in the *same* forward as the suffixes: row q holds [suffix q][continuation 1]...
+        [continuation K] (each continuation without its last token, which is only predicted), and a 4-D mask lets
+        continuation k see the prefix cache, suffix q's real tokens and its own earlier tokens, nothing else. Each
+        continuation token gets the position it has in the sequence alone, so a row's numbers are those of
+        ``[..][suffix q][continuation k]`` alone (tested against one plain forward over the whole sequence), the
+        five continuations cost only their own tokens, and a group still costs one forward. Candidates run
+        ``block`` at a time, as in :meth:`option_logprobs`.
+        """
+        from transformers import DynamicCache
+
+        if soft_prompts is None:
+            soft_prompts = torch.zeros(1, 0, self.hidden_size)
+        soft_prompts = soft_prompts.to(self.device, self.dtype)
+        S, n = soft_prompts.shape[:2]
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        embed = self.model.get_input_embeddings()
+        dev = self.device
+
+        def embed_ids(ids) -> torch.Tensor:
+            return embed(torch.as_tensor(ids, dtype=torch.long, device=dev)).to(self.dtype)
+
+        shared = embed_ids(list(shared_ids))
+        P0 = n + shared.shape[0]
+        prepared = []
+        for prefix_ids, suffixes, conts in groups:
+            if len(conts) != len(suffixes) or any(len(c) != len(conts[0]) for c in conts):
+                raise ValueError("every suffix needs the same number of continuations")
+            if any(len(x) == 0 for c in conts for x in c):
+                raise ValueError("a continuation needs at least one token")
+            Q, K = len(suffixes), len(conts[0])
+            Ls = max(len(x) for x in suffixes)
+            widths = [max(len(c[k]) - 1 for c in conts) for k in range(K)]  # fed tokens: all but the last
+            starts = [Ls + sum(widths[:k]) for k in range(K)]
+            T = Ls + sum(widths)
+            ids = torch.full((Q, T), self.pad_id, dtype=torch.long)
+            rel = torch.zeros(Q, T, dtype=torch.long)  # position relative to the group's first suffix slot
+            local = torch.zeros(Q, T, T, dtype=torch.bool)  # who sees whom among the T new slots
+            rows, slots, targets, which = [], [], [], []
+            causal = torch.ones(Ls, Ls, dtype=torch.bool).tril()
+            for q, (suf, cs) in enumerate(zip(suffixes, conts)):
+                L = len(suf)
+                ids[q, :L] = torch.tensor(list(suf), dtype=torch.long)
+                rel[q, :Ls] = torch.arange(Ls)
+                local[q, :Ls, :Ls] = causal
+                local[q, :Ls, L:Ls] = False  # padding after a short suffix is seen by no one
+                local[q, torch.arange(Ls), torch.arange(Ls)] = True  # (a padding slot sees itself: no empty row)
+                for k, c in enumerate(cs):
+                    a, m = starts[k], len(c) - 1
+                    if widths[k] == 0:
+                        continue
+                    ids[q, a:a + m] = torch.tensor(list(c[:-1]), dtype=torch.long)
+                    rel[q, a:a + widths[k]] = L + torch.arange(widths[k])
+                    local[q, a:a + widths[k], :L] = True  # the real suffix
+                    local[q, a:a + widths[k], a:a + widths[k]] = torch.ones(widths[k], widths[k],
+                                                                            dtype=torch.bool).tril()
+                    for j in range(m):  # slot a + j predicts token j + 1 of continuation k
+                        rows.append(q), slots.append(a + j), targets.append(c[j + 1]), which.append(k)
+            first = torch.tensor([[c[0] for c in cs] for cs in conts], device=dev)  # [Q, K], read after the suffix
+            lengths = torch.tensor([len(x) for x in suffixes], device=dev)
+            prepared.append((embed_ids(list(prefix_ids)), embed_ids(ids), rel.to(dev), local.to(dev), lengths, first,
+                             torch.tensor(rows, dtype=torch.long, device=dev),
+                             torch.tensor(slots, dtype=torch.long, device=dev),
+                             torch.tensor(targets, dtype=torch.long, device=dev),
+                             torch.tensor(which, dtype=torch.long, device=dev)))
+        out: list[list[torch.Tensor]] = [[] for _ in groups]
+        for start in range(0, S, block):
+            sp = soft_prompts[start:start + block]
+            b = sp.shape[0]
+            cache = DynamicCache(config=self.model.config)
+            self.model.base_model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
+                                  position_ids=torch.arange(P0, device=dev).unsqueeze(0),
+                                  **self._kv(cache), use_cache=True)
+            snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
+            for g, (prefix, tree, rel, local, lengths, first, rows, slots, targets, which) in enumerate(prepared):
+                cache = DynamicCache(config=self.model.config)
+                for i, (k, v) in enumerate(snapshot):
+                    cache.update(k, v, i)
+                P = P0 + prefix.shape[0]
+                if prefix.shape[0]:
+                    self.model.base_model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
+                                          position_ids=torch.arange(P0, P, device=dev).unsqueeze(0),
+                                          **self._kv(cache), use_cache=True)
+                Q, T = tree.shape[:2]
+                cache.batch_repeat_interleave(Q)  # rows: candidate-major, Q suffixes each
+                mask = torch.cat([torch.ones(b * Q, T, P, dtype=torch.bool, device=dev), local.repeat(b, 1, 1)],
+                                 dim=-1).unsqueeze(1)  # [rows, 1, T, P + T]: True = may attend
+                hidden = self.model.base_model(inputs_embeds=tree.repeat(b, 1, 1), attention_mask=mask,
+                                               position_ids=P + rel.repeat(b, 1), **self._kv(cache),
+                                               use_cache=True).last_hidden_state  # [b*Q, T, d], final norm applied
+                all_rows = torch.arange(b * Q, device=dev)
+                scores = self._head(hidden[all_rows, (lengths - 1).repeat(b)]).log_softmax(-1) \
+                    .gather(1, first.repeat(b, 1))  # [b*Q, K]: each continuation's first token
+                if len(rows):
+                    offset = (torch.arange(b, device=dev) * Q).repeat_interleave(len(rows))
+                    rr, ss = rows.repeat(b) + offset, slots.repeat(b)
+                    tt, kk = targets.repeat(b), which.repeat(b)
+                    picked = torch.empty(len(rr), device=dev)
+                    for c0 in range(0, len(rr), 256):  # the full-vocabulary head 256 positions at a time
+                        sl = slice(c0, c0 + 256)
+                        picked[sl] = self._head(hidden[rr[sl], ss[sl]]).log_softmax(-1) \
+                            .gather(1, tt[sl].unsqueeze(1)).squeeze(1)
+                    scores = scores.index_put((rr, kk), picked, accumulate=True)
+                out[g].append(scores.view(b, Q, -1).float())
+        return [torch.cat(parts) for parts in out]
+
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate_stream(self, requests: Sequence[GenerationRequest]) -> Iterator[list[int | None]]:

@@ -35,6 +35,7 @@ class _Group:
     positions: list[int]  # indices into survey.items
     prefix: list[int]
     suffixes: list[list[int]]
+    continuations: list[list[list[int]]] | None = None  # label read-out: per suffix, the 5 labels' token ids
 
 
 @dataclass(frozen=True)
@@ -42,19 +43,28 @@ class PreparedPresentation:
     presentation: Presentation
     shared: list[int]  # the prefix every item shares (system turn, chat header): once per candidate
     groups: list[_Group]  # prefixes below are relative to ``shared``
-    answer_of_digit: torch.Tensor  # [5] answer value (1..5) meant by option digit 1..5
+    answer_of_digit: torch.Tensor  # [5] answer value (1..5) meant by option 1..5 (symbol, or label continuation)
+    option_ids: list[int] | None = None  # digit read-out: the token ids of the five option symbols (digits or letters)
+
+    @property
+    def readout(self) -> str:
+        return self.presentation.readout
 
     @property
     def tokens(self) -> int:
-        """Real tokens one candidate costs on this presentation (virtual tokens and padding not counted)."""
-        return len(self.shared) + sum(len(g.prefix) + sum(len(s) for s in g.suffixes) for g in self.groups)
+        """Real tokens one candidate costs on this presentation (virtual tokens and padding not counted; the label
+        read-out's continuations counted)."""
+        return len(self.shared) + sum(len(g.prefix) + sum(len(s) for s in g.suffixes)
+                                      + sum(len(c) for cs in (g.continuations or []) for c in cs)
+                                      for g in self.groups)
 
 
 @dataclass(frozen=True)
 class Answers:
     """A presentation's answers for S candidates: expected answer per item on the 1..5 scale, and option mass."""
     expected: torch.Tensor  # [S, Q]
-    mass: torch.Tensor  # [S, Q]: probability on the option digits (the rest went to other tokens)
+    mass: torch.Tensor  # [S, Q]: probability on the options (digit read-out: on the five symbol tokens; label
+    # read-out: of the five label texts as the whole continuation); the rest went to other tokens
 
 
 class SurveyScorer:
@@ -74,14 +84,25 @@ class SurveyScorer:
         # candidates per forward: 8 was the fastest on SmolLM2 / 2 cores; a last, shorter block runs as it is
         self.block = block or int(os.environ.get("CULIGN_SCORE_BLOCK", DEFAULT_BLOCK))
         self.option_ids = runtime.option_token_ids([str(d) for d in ANSWERS])
+        self._symbol_ids: dict[tuple[str, ...], list[int]] = {}
         self.prepared: dict[str, PreparedPresentation] = {}
         for p in presentations:
             pres = survey.presentation(p) if isinstance(p, str) else p
             if pres.name not in self.prepared:
                 self.prepared[pres.name] = self._prepare(pres)
 
+    def _option_ids(self, pres: Presentation) -> list[int]:
+        symbols = pres.template.option_symbols
+        if symbols not in self._symbol_ids:
+            self._symbol_ids[symbols] = self.runtime.option_token_ids(list(symbols))
+        return self._symbol_ids[symbols]
+
     def _prepare(self, pres: Presentation) -> PreparedPresentation:
         items = self.survey.items
+        label = pres.readout == "label"
+        tok = self.runtime.tokenizer
+        conts = [[tok(pres.continuation(item.id, a), add_special_tokens=False)["input_ids"] for a in ANSWERS]
+                 for item in items] if label else None
         ids = [self.runtime.chat_ids(pres.messages(item.id, self.persona), pres.prefill) for item in items]
         by_key: dict[tuple, list[int]] = {}
         for pos, item in enumerate(items):
@@ -94,11 +115,17 @@ class SurveyScorer:
                 singles.append(positions[0])
                 continue
             k = _common_prefix_len([ids[i] for i in positions])
-            groups.append(_Group(positions, ids[positions[0]][shared:k], [ids[i][k:] for i in positions]))
+            groups.append(_Group(positions, ids[positions[0]][shared:k], [ids[i][k:] for i in positions],
+                                 [conts[i] for i in positions] if label else None))
         if singles:  # items alone with their stem and scale share nothing below `shared`: one forward for all of them
-            groups.append(_Group(singles, [], [ids[i][shared:] for i in singles]))
-        answers = torch.tensor([float(pres.digit_to_answer(d)) for d in ANSWERS])
-        return PreparedPresentation(pres, ids[0][:shared], groups, answers)
+            groups.append(_Group(singles, [], [ids[i][shared:] for i in singles],
+                                 [conts[i] for i in singles] if label else None))
+        if label:  # continuation k is the label of answer k, whatever order the options were listed in
+            answers = torch.tensor([float(a) for a in ANSWERS])
+        else:
+            answers = torch.tensor([float(pres.digit_to_answer(d)) for d in ANSWERS])
+        return PreparedPresentation(pres, ids[0][:shared], groups, answers,
+                                    None if label else self._option_ids(pres))
 
     @property
     def names(self) -> list[str]:
@@ -117,14 +144,23 @@ class SurveyScorer:
             if cached is not None:
                 out[name] = cached
                 continue
-            parts = self.runtime.option_logprobs(p.shared, [(g.prefix, g.suffixes) for g in p.groups],
-                                                 soft_prompts, self.option_ids, block=self.block)
-            logp = torch.empty(parts[0].shape[0], len(self.survey.items), len(self.option_ids))
+            if p.readout == "label":
+                parts = self.runtime.continuation_logprobs(
+                    p.shared, [(g.prefix, g.suffixes, g.continuations) for g in p.groups], soft_prompts,
+                    block=self.block)
+            else:
+                parts = self.runtime.option_logprobs(p.shared, [(g.prefix, g.suffixes) for g in p.groups],
+                                                     soft_prompts, p.option_ids, block=self.block)
+            logp = torch.empty(parts[0].shape[0], len(self.survey.items), len(ANSWERS))
             for g, part in zip(p.groups, parts):
                 logp[:, g.positions] = part.cpu()
-            probs = logp.exp()
-            mass = probs.sum(-1)
-            out[name] = Answers((probs / mass.unsqueeze(-1)) @ p.answer_of_digit, mass)
+            if p.readout == "label":  # sums of many log-probs: normalised in log space (exp alone may underflow)
+                mass = logp.logsumexp(-1).exp()
+                out[name] = Answers(logp.softmax(-1) @ p.answer_of_digit, mass)
+            else:
+                probs = logp.exp()
+                mass = probs.sum(-1)
+                out[name] = Answers((probs / mass.unsqueeze(-1)) @ p.answer_of_digit, mass)
             if soft_prompts is None:
                 self._store(p, out[name])
         return out
@@ -137,7 +173,9 @@ class SurveyScorer:
         key = json.dumps([rt.fingerprint, str(rt.dtype), rt.fp32_answer, rt.device.type, cpu_capability(),
                           torch.__version__,
                           p.shared, [(g.positions, g.prefix, g.suffixes) for g in p.groups], self.option_ids,
-                          p.answer_of_digit.tolist()])
+                          p.answer_of_digit.tolist()]
+                         + ([] if p.readout == "digit" and p.option_ids == self.option_ids
+                            else [p.readout, p.option_ids, [g.continuations for g in p.groups]]))
         return self.answer_cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
     def _cached(self, p: PreparedPresentation) -> Answers | None:

@@ -354,7 +354,8 @@ class ChatEngine:
             if versions and (allow is None or allow(region)):
                 data.append({"id": region, "object": "model", "created": self.created, "owned_by": "culign",
                              "root": base, "parent": base, "region": region, "latest_version": versions[-1],
-                             "versions": versions, **serving})
+                             "versions": versions, "forced_invalid_versions": self.adapters.forced_invalid(region),
+                             **serving})
         return Reply(body={"object": "list", "data": data,
                            "engine": {"name": self.worker.name, **self.invariance.as_dict()}})
 

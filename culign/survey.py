@@ -30,6 +30,11 @@ from typing import Iterable, Mapping, Sequence
 DIMENSIONS = ("PDI", "IDV", "MAS", "UAI", "LTO", "IVR")
 ANSWERS = (1, 2, 3, 4, 5)
 ORDERS = ("asc", "desc")
+# How an answer is read from the model (a template says which it is written for):
+#   digit  the next token after the prefill, among the five option symbols (1..5, or A..E for a letters template)
+#   label  each option's label text scored as the continuation of the prefill (sum of its token log-probabilities)
+READOUTS = ("digit", "label")
+SYMBOLS = {"digits": ("1", "2", "3", "4", "5"), "letters": ("A", "B", "C", "D", "E")}
 OFFICIAL_WORDING = "vsm"
 
 # Default index constant C for every dimension: a respondent answering the same everywhere (e.g. the midpoint)
@@ -209,6 +214,13 @@ class Template:
     option_joiner: str
     prefill: str  # assistant text right before the answer digit ("Answer: " puts ~95 % of p on the digits)
     note: str = ""
+    readout: str = "digit"  # "digit": options carry symbols, the next token is read; "label": options listed
+    # without symbols, each label scored as the continuation of the prefill
+    symbols: str = "digits"  # digit read-out only: "digits" (1..5) or "letters" (A..E), what {digit} renders
+
+    @property
+    def option_symbols(self) -> tuple[str, ...]:
+        return SYMBOLS[self.symbols]
 
     @classmethod
     def from_dict(cls, raw, source: str) -> "Template":
@@ -218,16 +230,26 @@ class Template:
         for key in TEMPLATE_FIELDS:
             if not isinstance(raw.get(key), str):
                 raise SurveyDataError(f"{where}: field {key!r} is missing or not a string")
-        for key, needed in (("user_template", ("{text}", "{options}")), ("option_format", ("{digit}", "{label}"))):
+        readout, symbols = raw.get("readout", "digit"), raw.get("symbols", "digits")
+        if readout not in READOUTS:
+            raise SurveyDataError(f"{where}: 'readout' must be one of {', '.join(READOUTS)}, got {_show(readout)}")
+        if symbols not in SYMBOLS:
+            raise SurveyDataError(f"{where}: 'symbols' must be one of {', '.join(SYMBOLS)}, got {_show(symbols)}")
+        option_fields = ("{digit}", "{label}") if readout == "digit" else ("{label}",)
+        for key, needed in (("user_template", ("{text}", "{options}")), ("option_format", option_fields)):
             for f in needed:
                 if f not in raw[key]:
                     raise SurveyDataError(f"{where}: {key} must contain {f}")
+        if readout == "label" and "{digit}" in raw["option_format"]:
+            raise SurveyDataError(f"{where}: a label read-out template lists its options without symbols: "
+                                  "option_format must not contain {digit}")
         try:
             raw["user_template"].format(stem="", text="", options="")
             raw["option_format"].format(digit=1, label="")
         except (KeyError, IndexError, ValueError) as e:
             raise SurveyDataError(f"{where}: a template field uses an unknown placeholder or stray brace: {e}") from None
-        return cls(raw["name"], *(raw[k] for k in TEMPLATE_FIELDS), note=str(raw.get("note", "")))
+        return cls(raw["name"], *(raw[k] for k in TEMPLATE_FIELDS), note=str(raw.get("note", "")), readout=readout,
+                   symbols=symbols)
 
 
 # ---------------------------------------------------------------------------------------------------- presentations
@@ -254,8 +276,18 @@ class Presentation:
     def prefill(self) -> str:
         return self.template.prefill
 
+    @property
+    def readout(self) -> str:
+        return self.template.readout
+
     def digit_to_answer(self, digit: int) -> int:
         return 6 - digit if self.reverse else digit
+
+    def continuation(self, item_id: int, answer: int) -> str:
+        """Label read-out: the text scored after the prefill for ``answer`` (its label; a space first when the
+        prefill ends in a word, so the label's first word is tokenised as it is in running text)."""
+        label = self.item(item_id).scale[answer]
+        return label if not self.prefill or self.prefill[-1].isspace() else " " + label
 
     def item(self, item_id: int) -> Item:
         return self.wording.items[item_id]
@@ -263,7 +295,9 @@ class Presentation:
     def options(self, item_id: int) -> str:
         item = self.item(item_id)
         t = self.template
-        return t.option_joiner.join(t.option_format.format(digit=d, label=item.scale[self.digit_to_answer(d)])
+        symbols = t.option_symbols
+        return t.option_joiner.join(t.option_format.format(digit=symbols[d - 1],
+                                                           label=item.scale[self.digit_to_answer(d)])
                                     for d in ANSWERS)
 
     def messages(self, item_id: int, persona: str | None = None) -> list[dict[str, str]]:
@@ -353,6 +387,45 @@ DEFAULT_SPLIT = Split(
 )
 
 
+# The same split for the label read-out, on its own templates (the digit ones' counterparts, options without symbols).
+LABEL_TRAIN_TEMPLATES = ("label_chat", "label_inline", "label_form")
+DEFAULT_LABEL_SPLIT = Split(
+    train=_names(TRAIN_WORDINGS, LABEL_TRAIN_TEMPLATES, ["asc"]),
+    validation={"wording:casual": _names(["casual"], LABEL_TRAIN_TEMPLATES, ["asc"]),
+                "template:label_quiz": _names(TRAIN_WORDINGS, ["label_quiz"], ["asc"])},
+    heldout={"wording:formal": _names(["formal"], LABEL_TRAIN_TEMPLATES, ["asc"]),
+             "template:label_interview": _names(TRAIN_WORDINGS, ["label_interview"], ["asc"]),
+             "order:desc": _names(TRAIN_WORDINGS, LABEL_TRAIN_TEMPLATES, ["desc"]),
+             "unseen:all": _names(["formal"], ["label_interview"], ["desc"])},
+)
+DEFAULT_SPLITS = {"digit": DEFAULT_SPLIT, "label": DEFAULT_LABEL_SPLIT}
+
+
+def _twin(name: str) -> str:
+    w, t, o = name.split("/")
+    return f"{w}/{t}/{'desc' if o == 'asc' else 'asc'}"
+
+
+def order_balanced(split: Split) -> Split:
+    """The split with every presentation in both scale orders: training sees ascending and reversed listings, so
+    a prompt cannot gain by moving a digit's position. A held-out family named after an order (``order:desc``) has
+    nothing left to hold out and goes; every other family gets its presentations' twins, so held-out wordings and
+    templates stay disjoint from training (``leaks()`` stays empty for a sound split)."""
+    both = lambda names: _unique(n for name in names for n in (name, _twin(name)))  # noqa: E731
+    train = tuple(both(split.train))
+    families = []
+    for fams in (split.validation, split.heldout):
+        kept = {}
+        for fam, names in fams.items():
+            if fam.startswith("order:"):
+                continue
+            twins = tuple(n for n in both(names) if n not in train)
+            if twins:
+                kept[fam] = twins
+        families.append(kept)
+    return Split(train, families[0], families[1])
+
+
 # ---------------------------------------------------------------------------------------------------- the survey
 @dataclass(frozen=True)
 class Survey:
@@ -426,36 +499,51 @@ class Survey:
                 raise ValueError(f"unknown {kind} {value!r} in presentation {name!r}; {kind}s: {', '.join(known)}")
         return Presentation(self.wordings[w], self.templates[t], o)
 
-    def presentation_names(self) -> list[str]:
-        return list(_names(list(self.wordings), list(self.templates), ORDERS))
+    def presentation_names(self, readout: str | None = None) -> list[str]:
+        """Every presentation, or those whose template is written for ``readout``."""
+        templates = [n for n, t in self.templates.items() if readout is None or t.readout == readout]
+        return list(_names(list(self.wordings), templates, ORDERS))
 
-    def expand(self, patterns: Iterable[str]) -> list[str]:
-        """Presentation names from names or shell patterns (``vsm/*/asc``, ``*/interview/*``), validated."""
+    def readout_of(self, name: str) -> str:
+        return self.presentation(name).readout
+
+    def expand(self, patterns: Iterable[str], readout: str | None = None) -> list[str]:
+        """Presentation names from names or shell patterns (``vsm/*/asc``, ``*/interview/*``), validated. With
+        ``readout``, patterns match only that read-out's templates, and a name of another read-out is an error."""
         names = []
         for pattern in patterns:
             if any(c in pattern for c in "*?["):
-                hits = fnmatch.filter(self.presentation_names(), pattern)
+                hits = fnmatch.filter(self.presentation_names(readout), pattern)
                 if not hits:
-                    raise ValueError(f"presentation pattern {pattern!r} matches nothing")
+                    raise ValueError(f"presentation pattern {pattern!r} matches nothing"
+                                     + (f" for the {readout} read-out" if readout else ""))
                 names.extend(hits)
             else:
-                names.append(self.presentation(pattern).name)
+                name = self.presentation(pattern).name
+                if readout is not None and self.readout_of(name) != readout:
+                    raise ValueError(f"presentation {name!r} is written for the {self.readout_of(name)} read-out, "
+                                     f"not {readout} (`culign presentations` lists each template's read-out)")
+                names.append(name)
         return _unique(names)
 
-    def split(self, train: Sequence[str] = (), heldout: Sequence[str] = (), validation: Sequence[str] | None = None
-              ) -> Split:
-        """The default split, with training / held-out / validation presentations overridden where given.
+    def split(self, train: Sequence[str] = (), heldout: Sequence[str] = (), validation: Sequence[str] | None = None,
+              readout: str = "digit") -> Split:
+        """The default split of ``readout``, with training / held-out / validation presentations overridden where
+        given (patterns match that read-out's templates only).
 
         An override given as one pattern or name becomes one family named after it. Raises ValueError for a split
         that trains on something it holds out.
         """
-        base = DEFAULT_SPLIT
-        tr = tuple(self.expand(train)) if train else base.train
-        ho = {p: tuple(self.expand([p])) for p in heldout} if heldout else dict(base.heldout)
+        if readout not in DEFAULT_SPLITS:
+            raise ValueError(f"unknown read-out {readout!r}; choose from {', '.join(READOUTS)}")
+        base = DEFAULT_SPLITS[readout]
+        expand = lambda patterns: self.expand(patterns, readout)  # noqa: E731
+        tr = tuple(expand(train)) if train else base.train
+        ho = {p: tuple(expand([p])) for p in heldout} if heldout else dict(base.heldout)
         if validation is None:
             va = dict(base.validation)
         else:
-            va = {p: tuple(self.expand([p])) for p in validation}
+            va = {p: tuple(expand([p])) for p in validation}
         if train and not heldout:  # default held-out families minus whatever the user now trains on
             ho = {k: tuple(n for n in v if n not in tr) for k, v in ho.items()}
             ho = {k: v for k, v in ho.items() if v}

@@ -21,7 +21,7 @@ from . import __version__
 from .evaluation import Comparison, Evaluation, Evaluator, MassGuard, Respondent, Robust
 from .optimize import PromptSpace, RobustObjective, SearchConfig, SearchResult, initial_prompt, run_search
 from .registry import AdapterInfo, Registry
-from .report import format_table, report_files, row_summary
+from .report import format_table, format_validity, report_files, row_summary
 from .runtime import Runtime, cache_root, cpu_capability
 from .survey import DEFAULT_CONSTANT, DEFAULT_SPLIT, DIMENSIONS, Split, Survey, persona_line
 from .targets import Target
@@ -57,10 +57,21 @@ def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
 
 def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, registry: Registry, *,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
-          echo: Callable[[str], None] = print, on_generation: Callable | None = None) -> TrainOutcome:
+          echo: Callable[[str], None] = print, on_generation: Callable | None = None, readout: str | None = None,
+          validity: dict | None = None, forced_invalid: bool = False, order_balanced: bool = False) -> TrainOutcome:
     """``on_generation(progress, checkpoint_path)`` is called after each generation's checkpoint is written (the
-    fan-out's live lines and its checkpoint upload)."""
+    fan-out's live lines and its checkpoint upload).
+
+    ``readout``, ``validity`` (read-out -> ValidityReport.summary()), ``forced_invalid`` and ``order_balanced``
+    say how the run was gated (culign.validity; the CLI runs the check): they go into the report and provenance.
+    The read-out itself is each presentation's template's; ``readout`` defaults to that of the training split."""
     cfg, split = settings.search, settings.split
+    readouts = {survey.readout_of(n) for n in split.train}
+    if readout is None:
+        readout = sorted(readouts)[0]
+    if readouts != {readout}:
+        raise ValueError(f"the training presentations are written for the {', '.join(sorted(readouts))} read-out, "
+                         f"not {readout}")
     t_start = time.perf_counter()
     persona = persona_line(target.display_name)
     evaluator = Evaluator(rt, survey, target, split, settings.constant)
@@ -126,12 +137,15 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         "wall_time_s": wall, "interrupted": result.interrupted, "stopped_by": result.stopped_by,
         "resumed_from_generation": result.resumed_from,
         "search": cfg.to_dict(), "seed": cfg.seed, "index_range_seen": result.seen_range,
+        "readout": readout, "validity": validity or {}, "forced_invalid": bool(forced_invalid),
+        "order_balanced": bool(order_balanced),
     }
     provenance = {
         **{k: report[k] for k in ("loss", "train_loss", "validation_loss", "heldout_loss", "heldout_by_family",
                                   "gain_kept", "naive_loss", "icl_loss", "naive_heldout_loss", "icl_heldout_loss",
                                   "option_mass", "evaluations", "presentation_evaluations", "seed", "search",
-                                  "optimizer", "robust", "split", "persona", "constant", "interrupted")},
+                                  "optimizer", "robust", "split", "persona", "constant", "interrupted", "readout",
+                                  "validity", "forced_invalid", "order_balanced")},
         "train_presentations": list(split.train), "heldout_presentations": split.heldout_names,
         "region": target.key, "target": target.to_dict(), "hidden_size": rt.hidden_size,
         "runtime_dtype": report["dtype"], "report": report, "init_text": cfg.init_text or persona,
@@ -146,4 +160,11 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         checkpoint.unlink(missing_ok=True)  # the adapter now holds the result; keep checkpoints only of cut runs
         # (Ctrl-C, or --max-minutes: either can go on with --resume)
     adapter.label = info.ref
-    return TrainOutcome(info, report, format_table(comparison, result.seen_range), comparison, result)
+    table = format_table(comparison, result.seen_range)
+    if validity:
+        table += f"\n\nread-out: {readout}" + (" (trained on both scale orders)" if order_balanced else "") \
+                 + "\n" + format_validity(validity)
+    if forced_invalid:
+        table += ("\nTRAINED WITH --force-invalid: no read-out of this model passed the validity check; these numbers "
+                  "check the pipeline, they are not an alignment.")
+    return TrainOutcome(info, report, table, comparison, result)

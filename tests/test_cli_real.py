@@ -17,7 +17,7 @@ def culign(*args, check=True):
 
 
 def test_eval_us_json_naive_and_icl():
-    out = json.loads(culign("eval", "--region", "US", "--icl", "--json", "--presentation", "standard",
+    out = json.loads(culign("eval", "--region", "US", "--icl", "--json", "--no-validity", "--presentation", "standard",
                             "--presentation", "terse/form/asc").stdout)
     assert out["target"]["key"] == "US" and out["model"].startswith("embedded:")
     naive, icl = out["rows"]
@@ -32,7 +32,7 @@ def test_eval_us_json_naive_and_icl():
 
 
 def test_eval_table_and_presentations():
-    p = culign("eval", "--region", "india", "--presentation", "reversed", "--presentation", "inline")
+    p = culign("eval", "--region", "india", "--no-validity", "--presentation", "reversed", "--presentation", "inline")
     assert "India (IN)" in p.stdout and "naive" in p.stdout and "train" in p.stdout and "noise band" in p.stdout
 
 
@@ -61,8 +61,15 @@ def test_train_then_eval_the_adapter(tmp_path):
     with it to the last bit (every reported number is the saved prompt scored alone, as `eval` scores it)."""
     reg = tmp_path / "adapters"
     p = culign("train", "--region", "US", "--budget", "32", "--popsize", "16", "--adapters-dir", str(reg), "--json",
-               "--checkpoint-dir", str(tmp_path / "runs"), "--no-progress", *SMALL_SPLIT)
+               "--checkpoint-dir", str(tmp_path / "runs"), "--no-progress", *SMALL_SPLIT, check=False)
+    # the embedded model fails the validity check: training refuses it, with the numbers, unless forced
+    assert p.returncode == 2 and "does not pass the validity check" in p.stderr and "order slope" in p.stderr
+    assert not reg.exists()
+    p = culign("train", "--region", "US", "--budget", "32", "--popsize", "16", "--adapters-dir", str(reg), "--json",
+               "--checkpoint-dir", str(tmp_path / "runs"), "--no-progress", "--force-invalid", *SMALL_SPLIT)
     report = json.loads(p.stdout)
+    assert report["forced_invalid"] is True and report["readout"] == "digit"
+    assert report["validity"]["digit"]["verdict"] != "follows meaning and culture"
     assert report["evaluations"] == 32 and set(report["rows"]) == {"naive", "persona", "adapter"}
     assert report["heldout_loss"] is not None and report["option_mass"] > 0.5
     assert set(report["heldout_by_family"]) == {"reversed", "formal/inline/asc"}
@@ -75,6 +82,7 @@ def test_train_then_eval_the_adapter(tmp_path):
     listed = json.loads(culign("adapters", "list", "--adapters-dir", str(reg), "--json").stdout)["adapters"]
     assert [(a["region"], a["version"]) for a in listed] == [("US", 1)]
     ev = json.loads(culign("eval", "--region", "US", "--adapter", str(reg / "US" / "1"), "--json").stdout)
+    assert ev["readout"] == "digit" and ev["validity"]["digit"] == report["validity"]["digit"]  # from the cache
     assert ev["split"] == report["split"]  # eval takes the adapter's own split
     row = ev["rows"][-1]
     assert row["label"] == "US@1"
