@@ -23,6 +23,7 @@ from .runtime import ModelLoadError, Runtime
 from .survey import Split, Survey, SurveyDataError
 from .targets import Target, UnknownRegionError, parse_custom, resolve
 from .trainer import TrainSettings, train as _train
+from .validity import InvalidModelError, ValidityReport
 
 DEFAULT_REGISTRY = Path("runs") / "adapters"  # where `culign train` saves by default
 
@@ -131,6 +132,28 @@ def load_adapter(ref: str | Path, model: Runtime, registry: str | Path | None = 
     return reg.load(name, version, hidden_size=model.hidden_size, base_fingerprint=model.fingerprint)
 
 
+def validity(model: str | Runtime | None = None, *, readouts: Sequence[str] = ("digit", "label"),
+             use_cache: bool = True, progress: bool = False) -> dict[str, ValidityReport]:
+    """`culign validity`: per read-out, does the model's answer follow meaning and culture (order slope, agreement
+    across wordings, persona spread against the noise band, Kendall's tau with Hofstede, option mass, verdict)?
+    Cached per model, read-out and culign version."""
+    from . import validity as checks
+
+    rt = _model(model)
+    survey = Survey.load()
+    out = {}
+    for r in readouts:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=checks.steps(r), desc=f"validity check ({r})", unit="presentation")
+        out[r] = checks.check(rt, survey, r, use_cache=use_cache, on_step=bar and (lambda _n: bar.update()))
+        if bar is not None:
+            bar.close()
+    return out
+
+
 @dataclass
 class TrainResult:
     adapter: AdapterInfo
@@ -148,16 +171,25 @@ class TrainResult:
 
 def train(target: str | Target, *, model: str | Runtime | None = None, registry: str | Path | None = None,
           presentations: Sequence[str] = (), split: Split | None = None, checkpoint_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = False, **search) -> TrainResult:
+          resume: bool = False, progress: bool = False, readout: str = "digit", force_invalid: bool = False,
+          **search) -> TrainResult:
     """Train one region's soft prompt (`culign train --region`) and publish it to ``registry``. ``search`` takes
-    :class:`culign.optimize.SearchConfig`'s fields (budget, popsize, tokens, dim, seed, optimizer, ...). Raises
-    ValueError for bad settings, RegistryError when the registry refuses."""
+    :class:`culign.optimize.SearchConfig`'s fields (budget, popsize, tokens, dim, seed, optimizer, ...).
+
+    The model's validity check for ``readout`` runs first (from the cache when there): a model that fails it raises
+    InvalidModelError unless ``force_invalid``, and the adapter is then marked. Raises ValueError for bad settings,
+    RegistryError when the registry refuses."""
+    from .validity import choose_readout
+
     tgt, rt = _target(target), _model(model)
     survey = Survey.load()
+    reports = validity(rt, readouts=[readout], progress=progress)
+    chosen, forced = choose_readout(reports, readout, force_invalid)
     settings = TrainSettings(search=SearchConfig(**search), split=_split(survey, presentations, split))
     outcome = _train(rt, survey, tgt, settings, open_registry(registry or DEFAULT_REGISTRY),
                      checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume,
-                     progress=progress, echo=print if progress else (lambda _m: None))
+                     progress=progress, echo=print if progress else (lambda _m: None), readout=chosen,
+                     validity={r: v.summary() for r, v in reports.items()}, forced_invalid=forced)
     return TrainResult(outcome.adapter, outcome.report, outcome.comparison)
 
 
@@ -177,7 +209,8 @@ def train_regions(targets: Sequence[str | Target], *, model: str | None = None, 
 
 
 __all__ = [
-    "load_model", "region", "custom_target", "evaluate", "load_adapter", "train", "train_regions", "open_registry",
+    "load_model", "region", "custom_target", "evaluate", "load_adapter", "validity", "train", "train_regions",
+    "open_registry", "ValidityReport", "InvalidModelError",
     "EvalResult", "TrainResult", "RegionResult", "Evaluation", "Comparison", "AdapterInfo", "LoadedAdapter",
     "Split", "Target", "Runtime",
     "ModelLoadError", "UnknownRegionError", "SurveyDataError", "RegistryError", "RegistryUnavailable",

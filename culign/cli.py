@@ -508,7 +508,7 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
 
     With --regions, every region is trained as its own Ray task (the same training, one region per task, on a
     local Ray started on demand or the cluster at --ray-address): one live line per region, then a table.
-    (The validity gate runs for a single region; with --regions it is not applied yet: run `culign validity` first.)
+    With --regions the check runs once, here, before the regions fan out (the model is loaded here for it).
     """
     from .survey import order_balanced
     from .trainer import TrainSettings, train as run_train
@@ -534,24 +534,17 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
             raise click.BadParameter(str(e), param_hint="--train-presentation") from None
     if readout is not None:
         _split(survey, train, heldout, validation, no_validation, readout=readout)  # a bad split fails before loading
-    if targets:  # the fan-out: every region as its own task, on the read-out asked for (no gate here yet)
-        try:
-            settings = TrainSettings(search=search, split=_split(survey, train, heldout, validation, no_validation,
-                                                                 readout=readout or "digit"))
-        except ValueError as e:
-            raise click.UsageError(str(e)) from None
-        from .fanout import RegionJob
-
-        root = _registry_dir(adapters_dir)
-        _open_registry(root, check=True)
-        where = lambda p: str(p.resolve()) if isinstance(p, Path) else p  # noqa: E731  workers have other cwds
-        jobs = [RegionJob(t, settings, where(root), model, device, dtype, tuple(map(where, map(Path, wording_files))),
-                          None if checkpoint_dir is None else where(checkpoint_dir), resume,
-                          max(1, int(cpus_per_region))) for t in targets]
-        return _train_many(jobs, ray_address, cpus_per_region, gpus_per_region, progress, as_json)
     from .registry import RegistryError
 
-    registry = _open_registry(_registry_dir(adapters_dir), check=True)  # before the model: a bad store costs nothing
+    if targets:
+        from .fanout import FanoutError, check_address
+
+        try:
+            check_address(ray_address)  # before the model and the validity check, like the store below
+        except FanoutError as e:
+            raise click.BadParameter(str(e), param_hint="--ray-address") from None
+    root = _registry_dir(adapters_dir)
+    registry = _open_registry(root, check=True)  # before the model: a bad store costs nothing
     rt = _runtime(model, device, dtype)
     checks = _checks(rt, survey, [readout] if readout else list(READOUTS), progress=progress)
     block = _validity_text(checks)
@@ -576,11 +569,20 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
         settings = TrainSettings(search=search, split=split)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    gate = dict(readout=chosen, validity={r: v.summary() for r, v in checks.items()}, forced_invalid=forced,
+                order_balanced=balanced)
+    if targets:  # the fan-out: every region as its own task, gated once here (the check is per model)
+        from .fanout import RegionJob
+
+        where = lambda p: str(p.resolve()) if isinstance(p, Path) else p  # noqa: E731  workers have other cwds
+        jobs = [RegionJob(t, settings, where(root), model, device, dtype, tuple(map(where, map(Path, wording_files))),
+                          None if checkpoint_dir is None else where(checkpoint_dir), resume,
+                          max(1, int(cpus_per_region)), gate) for t in targets]
+        del rt  # the tasks load their own copy
+        return _train_many(jobs, ray_address, cpus_per_region, gpus_per_region, progress, as_json)
     try:
         outcome = run_train(rt, survey, target, settings, registry, checkpoint_dir=checkpoint_dir,
-                            resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True),
-                            readout=chosen, validity={r: v.summary() for r, v in checks.items()},
-                            forced_invalid=forced, order_balanced=balanced)
+                            resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True), **gate)
     except (ValueError, RegistryError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:  # before the search began (or after it, while saving): nothing half-written is kept

@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +49,8 @@ class RegionJob:
     checkpoint_dir: str | None = None  # a folder or an object-store URL; None: the default cache folder
     resume: bool = False
     threads: int = 1
+    gate: dict = field(default_factory=dict)  # how the validity check gated the run (readout, validity, forced_invalid,
+    # order_balanced: culign.trainer.train's keywords), decided once before the fan-out
 
 
 @dataclass
@@ -153,7 +155,7 @@ def run_region(job: RegionJob, report: Callable[[dict], None] | None = None, att
     rt = Runtime.load(job.model, device=job.device, dtype=job.dtype, scoring=True)
     survey = Survey.load(wording_files=list(job.wording_files))
     outcome = train(rt, survey, job.target, job.settings, open_registry(job.adapters), checkpoint_dir=checkpoint_dir,
-                    resume=resume, progress=False, echo=lambda _m: None, on_generation=on_generation)
+                    resume=resume, progress=False, echo=lambda _m: None, on_generation=on_generation, **job.gate)
     if sync is not None:
         sync.finish(outcome.report.get("stopped_by") == "budget")
     r = outcome.report
@@ -201,6 +203,23 @@ def _ray():
     return ray
 
 
+def check_address(address: str | None) -> None:
+    """A cluster address that is malformed or where nothing answers is a FanoutError at once (ray.init would retry
+    an unreachable address for minutes)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        raise FanoutError(f"--ray-address {address!r} is not HOST:PORT (or 'auto')")
+    import socket
+
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise FanoutError(f"no Ray cluster at {address}: {e.strerror or e}") from None
+
+
 def connect(address: str | None, num_cpus: int | None = None):
     """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a local one on demand."""
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -211,16 +230,7 @@ def connect(address: str | None, num_cpus: int | None = None):
         return ray
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        if not port.isdigit() and address != "auto":
-            raise FanoutError(f"--ray-address {address!r} is not HOST:PORT (or 'auto')")
-        import socket
-
-        if address != "auto":
-            try:  # ray.init would retry an unreachable address for minutes; say so at once
-                socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-            except OSError as e:
-                raise FanoutError(f"no Ray cluster at {address}: {e.strerror or e}") from None
+        check_address(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:

@@ -26,7 +26,9 @@ from culign.trainer import TrainSettings  # noqa: E402
 from reliability.backends import ray_cluster  # noqa: E402
 
 pytestmark = pytest.mark.ray
-PRESENTATIONS = ["--train-presentation", "vsm/chat/asc", "--no-validation", "--heldout", "vsm/chat/desc"]
+# the tiny random model fails the validity check, as it should: the CLI runs are forced (and marked so)
+PRESENTATIONS = ["--train-presentation", "vsm/chat/asc", "--no-validation", "--heldout", "vsm/chat/desc",
+                 "--readout", "digit", "--force-invalid"]
 
 
 @pytest.fixture(scope="module")
