@@ -314,7 +314,7 @@ def validity_cmd(readout, no_cache, progress, model, device, dtype, as_json):
     agreement of the countries' differences across the two wordings (correlation), the persona spread across the
     panel against the bare model's noise band, Kendall's tau between the panel's indices and Hofstede's scores, and
     the option mass. Verdict per read-out: "follows meaning and culture", "follows position" or "no cultural
-    signal"; the thresholds and why they are where they are: README, "Is the model's answer valid?".
+    signal"; the thresholds and why they are where they are: docs/method.md, "Is the model's answer valid?".
 
     Cached per model, read-out and culign version (~/.cache/culign/validity); `culign train` reads the cache and
     trains only on a read-out that passes. Outputs: the numbers and verdicts (or JSON) on stdout.
@@ -552,7 +552,7 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
         chosen, forced = choose_readout(checks, readout, force_invalid)
     except InvalidModelError as e:
         raise _Refused(f"{e}.\n{block}\nThe model's answers do not follow meaning and culture well enough for an "
-                       "alignment to mean anything (README: \"Is the model's answer valid?\"). To run the pipeline "
+                       "alignment to mean anything (docs/method.md: \"Is the model's answer valid?\"). To run the pipeline "
                        "anyway, add --force-invalid: the adapter is then marked as trained on an invalid model.") \
             from None
     click.echo(block, err=True)

@@ -17,7 +17,7 @@ wordings x one template of the read-out x both scale orders. From the indices it
 - **option mass**: the probability the answers put on the options at all.
 
 and gives one verdict per read-out (:data:`PASS`, :data:`POSITION` or :data:`NO_SIGNAL`) against thresholds fixed
-below and justified in the README. A threshold is never tuned so that a model passes.
+below and justified in docs/method.md. A threshold is never tuned so that a model passes.
 
 Results are cached per model (name and weights fingerprint), read-out, culign version and check settings under
 ``~/.cache/culign/validity``; a cache hit returns the stored report unchanged. Knows nothing of DE or HTTP.
@@ -49,7 +49,7 @@ PANEL = ("USA", "CHI", "IND", "JPN", "SWE", "GER", "BRA", "RUS")
 WORDINGS = ("vsm", "plain")  # agreement needs two wordings; both orders of each give the order slope
 TEMPLATES = {"digit": "chat", "label": "label_chat"}
 
-# Thresholds (README, "Is the model's answer valid?", says why each is where it is). Changing one changes the check's
+# Thresholds (docs/method.md, "Is the model's answer valid?", says why each is where it is). Changing one changes the check's
 # cache key, so an old verdict is never read under new thresholds.
 SLOPE_MIN = 0.5  # a move on the reversed scale keeps at least half its size in the direction the labels say
 AGREEMENT_MIN = 0.5  # r >= 0.5: the countries' differences on one wording predict those on the other (Cohen: large)
