@@ -52,14 +52,15 @@ def _model(model: str | Runtime | None) -> Runtime:
     return model if isinstance(model, Runtime) else load_model(model)
 
 
-def _split(survey: Survey, presentations: Sequence[str], split: Split | None) -> Split:
+def _split(survey: Survey, presentations: Sequence[str], split: Split | None, readout: str = "digit") -> Split:
+    """Presentations (names or patterns of ``readout``'s templates), a split, or ``readout``'s default split."""
     if split is not None and presentations:
         raise ValueError("give presentations or a split, not both")
     if split is not None:
         return split
     if presentations:
-        return Split(tuple(survey.expand(presentations)))
-    return survey.split()
+        return Split(tuple(survey.expand(presentations, readout)))
+    return survey.split(readout=readout)
 
 
 @dataclass
@@ -103,13 +104,14 @@ class EvalResult:
 
 def evaluate(target: str | Target, *, model: str | Runtime | None = None, adapters: Sequence[str] = (),
              persona: bool = False, presentations: Sequence[str] = (), split: Split | None = None,
-             registry: str | Path | None = None) -> EvalResult:
+             readout: str = "digit", registry: str | Path | None = None) -> EvalResult:
     """Score the naive model, the persona baseline (``persona=True``) and adapters (``"US@2"`` in ``registry``, or
-    adapter folders) on the VSM 2013 survey, as `culign eval` does. Without presentations or a split: the default
-    split (9 training, 6 validation, 16 held-out presentations)."""
+    adapter folders) on the VSM 2013 survey, as `culign eval` does. ``readout``: ``"digit"`` (the option digit's
+    probability) or ``"label"`` (each option's label text as the continuation; its own templates). Without
+    presentations or a split: the read-out's default split (digit: 9 training, 6 validation, 16 held-out)."""
     tgt, rt = _target(target), _model(model)
     survey = Survey.load()
-    sp = _split(survey, presentations, split)
+    sp = _split(survey, presentations, split, readout)
     loaded = [load_adapter(a, rt, registry) for a in adapters]
     evaluator = Evaluator(rt, survey, tgt, sp)
     respondents = [Respondent.naive()] + ([Respondent.with_persona(tgt.display_name)] if persona else [])
@@ -132,7 +134,7 @@ def load_adapter(ref: str | Path, model: Runtime, registry: str | Path | None = 
     return reg.load(name, version, hidden_size=model.hidden_size, base_fingerprint=model.fingerprint)
 
 
-def validity(model: str | Runtime | None = None, *, readouts: Sequence[str] = ("digit", "label"),
+def check_validity(model: str | Runtime | None = None, *, readouts: Sequence[str] = ("digit", "label"),
              use_cache: bool = True, progress: bool = False) -> dict[str, ValidityReport]:
     """`culign validity`: per read-out, does the model's answer follow meaning and culture (order slope, agreement
     across wordings, persona spread against the noise band, Kendall's tau with Hofstede, option mass, verdict)?
@@ -183,9 +185,9 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry:
 
     tgt, rt = _target(target), _model(model)
     survey = Survey.load()
-    reports = validity(rt, readouts=[readout], progress=progress)
+    reports = check_validity(rt, readouts=[readout], progress=progress)
     chosen, forced = choose_readout(reports, readout, force_invalid)
-    settings = TrainSettings(search=SearchConfig(**search), split=_split(survey, presentations, split))
+    settings = TrainSettings(search=SearchConfig(**search), split=_split(survey, presentations, split, chosen))
     outcome = _train(rt, survey, tgt, settings, open_registry(registry or DEFAULT_REGISTRY),
                      checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume,
                      progress=progress, echo=print if progress else (lambda _m: None), readout=chosen,
@@ -209,7 +211,7 @@ def train_regions(targets: Sequence[str | Target], *, model: str | None = None, 
 
 
 __all__ = [
-    "load_model", "region", "custom_target", "evaluate", "load_adapter", "validity", "train", "train_regions",
+    "load_model", "region", "custom_target", "evaluate", "load_adapter", "check_validity", "train", "train_regions",
     "open_registry", "ValidityReport", "InvalidModelError",
     "EvalResult", "TrainResult", "RegionResult", "Evaluation", "Comparison", "AdapterInfo", "LoadedAdapter",
     "Split", "Target", "Runtime",

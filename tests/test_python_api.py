@@ -50,6 +50,10 @@ def test_results_have_to_dict_and_to_pandas(word_runtime):
     d = result.to_dict()
     assert set(d["rows"]) == {"naive", "persona"} and d["model"] == word_runtime.name
     assert [r.label for r in result.rows] == ["naive", "persona"] and result.row("naive").train_loss > 0
+    label = culign.evaluate("US", model=word_runtime, presentations=["vsm/label_chat/asc"], readout="label")
+    assert label.rows[0].train_loss > 0
+    with pytest.raises(ValueError, match="read-out"):
+        culign.evaluate("US", model=word_runtime, presentations=["vsm/chat/asc"], readout="label")
     pd = pytest.importorskip("pandas")
     frame = result.to_pandas()
     assert isinstance(frame, pd.DataFrame) and list(frame["row"]) == ["naive", "persona"]
