@@ -217,8 +217,15 @@ def test_ctrl_c_keeps_every_checkpoint_and_resume_finishes_them(cluster, tiny_mo
     args = ["train", "--regions", "US,CN", "--ray-address", cluster, "--model", tiny_model_dir, "--tokens", "2",
             "--dim", "4", "--popsize", "8", "--budget", "48", "--adapters-dir", str(reg), "--checkpoint-dir",
             str(ck), "--no-progress", "--json", *PRESENTATIONS]
+    def sigint_as_a_terminal_sends_it():
+        # a library in this test process may ignore or block SIGINT, and a child inherits both (Python then never
+        # raises KeyboardInterrupt): the CLI must start as it does from a shell
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen([sys.executable, "-m", "culign.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CULIGN_FANOUT_TEST_PAUSE_S": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CULIGN_FANOUT_TEST_PAUSE_S": "1"},
+                            preexec_fn=sigint_as_a_terminal_sends_it)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(ck.glob("*.json"))) < 2:
         time.sleep(0.2)

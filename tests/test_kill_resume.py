@@ -34,7 +34,8 @@ TRAIN_ARGS = ["--region", REGION, "--tokens", "4", "--dim", "8", "--popsize", "6
               "--subset", "2", "--rotate-every", "2",
               "--train-presentation", "vsm/chat/asc", "--train-presentation", "terse/form/asc",
               "--train-presentation", "plain/inline/asc", "--no-validation",
-              "--heldout", "formal/chat/asc", "--heldout", "vsm/chat/desc"]
+              "--heldout", "formal/chat/asc", "--heldout", "vsm/chat/desc",
+              "--readout", "digit", "--force-invalid"]  # the tiny random model fails the validity check, rightly
 GENERATIONS = 10  # budget 60 / popsize 6
 RUN_TIMEOUT = 180.0
 

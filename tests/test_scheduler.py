@@ -202,7 +202,7 @@ def test_bf16_rows_decode_exactly_as_alone(tiny_model):
 
 
 @pytest.mark.real
-def test_smollm2_bf16_greedy_answers_do_not_depend_on_the_batch():
+def test_smollm2_bf16_greedy_answers_are_batch_invariant_where_promised():
     from culign.runtime import Runtime, cpu_bf16_native
 
     if not cpu_bf16_native():
@@ -211,7 +211,13 @@ def test_smollm2_bf16_greedy_answers_do_not_depend_on_the_batch():
     rt = Runtime.load(dtype="bfloat16")
     worker = Scheduler(rt, max_rows=8)
     try:
+        promise = worker.invariance()
         differ, total = _mixes(rt, worker, 4, seed=1, max_new=12)
     finally:
         worker.close()
-    assert total >= 8 and differ == 0
+    assert total >= 8
+    if promise.batch_invariant:  # promised (measured so on this kind of CPU): it must hold
+        assert differ == 0, promise.why
+    else:  # not promised here (AVX512-BF16 without AMX): the service must say so, as /v1/models and the log do
+        assert "differed" in promise.why and "float32" in promise.why
+        print(f"bf16 on this CPU: {differ} of {total} answers differed from solo; the engine says: {promise.why}")
