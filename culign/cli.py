@@ -12,7 +12,7 @@ import click
 
 from . import __version__
 from .optimize import STRATEGIES as _STRATEGIES, Optimizer, SearchConfig
-from .survey import DEFAULT_SPLIT, DIMENSIONS, ORDERS, READOUTS, Split, SurveyDataError, persona_line
+from .survey import DIMENSIONS, ORDERS, READOUTS, Split, SurveyDataError, persona_line
 from .targets import SAUDI_VARIANTS, DEFAULT_SAUDI_VARIANT, Target, UnknownRegionError, parse_custom, resolve, TABLE
 
 _CFG = SearchConfig()  # the train command's defaults are SearchConfig's, stated once
@@ -49,16 +49,27 @@ def _survey(wording_files):
         raise click.BadParameter(str(e), param_hint="--wording-file") from None
 
 
-def _split(survey, train, heldout, validation, no_validation: bool, presentations=(), readout: str = "digit") -> Split:
-    """The split a command runs on: --presentation alone (no held-out), or the read-out's default split with
-    overrides."""
+def _split(train, heldout, validation, no_validation: bool, presentations=(), readout: str | None = None,
+           wording_files=()) -> Split:
+    """The split a command runs on (culign.api.make_split): --presentation alone (no held-out), or the read-out's
+    default split with overrides."""
+    from . import api
+
     try:
-        if presentations:
-            return Split(tuple(survey.expand(presentations)))
-        return survey.split(train, heldout, [] if no_validation else (validation or None), readout=readout)
+        return api.make_split(readout, presentations=presentations, **_split_args(train, heldout, validation,
+                                                                                  no_validation, wording_files))
     except ValueError as e:
-        hint = "--presentation" if presentations else "--train-presentation/--heldout/--validation"
-        raise click.BadParameter(str(e), param_hint=hint) from None
+        raise click.BadParameter(str(e), param_hint=_SPLIT_HINT if not presentations else "--presentation") \
+            from None
+
+
+_SPLIT_HINT = "--train-presentation/--heldout/--validation/--readout"
+
+
+def _split_args(train, heldout, validation, no_validation: bool, wording_files=()) -> dict:
+    """The split options as culign.api's keywords."""
+    return dict(train=train, heldout=heldout, validation=[] if no_validation else (list(validation) or None),
+                wording_files=wording_files)
 
 
 class _Refused(click.ClickException):
@@ -66,27 +77,12 @@ class _Refused(click.ClickException):
     exit_code = 2
 
 
-def _checks(rt, survey, readouts, use_cache: bool = True, progress: bool = True) -> dict:
-    """The validity check of each read-out (culign.validity): from the cache when there, else measured with a
-    progress bar on stderr."""
-    from tqdm import tqdm
+def _checks(rt, readouts, use_cache: bool = True, progress: bool = True) -> dict:
+    """The validity check of each read-out (culign.api.check_validity): from the cache when there, else measured
+    with a progress bar on stderr."""
+    from . import api
 
-    from . import validity
-
-    out, todo = {}, []
-    for r in readouts:
-        hit = validity.cached(rt, r) if use_cache else None
-        if hit is not None:
-            out[r] = hit
-        else:
-            todo.append(r)
-    if todo:
-        bar = tqdm(total=sum(validity.steps(r) for r in todo), desc=f"validity check ({', '.join(todo)})",
-                   unit="presentation", disable=not progress, dynamic_ncols=True, leave=True)
-        for r in todo:
-            out[r] = validity.check(rt, survey, r, use_cache=False, on_step=lambda _: bar.update())
-        bar.close()
-    return {r: out[r] for r in readouts}
+    return api.check_validity(rt, readouts=readouts, use_cache=use_cache, progress=progress)
 
 
 def _validity_text(checks: dict) -> str:
@@ -271,7 +267,7 @@ def presentations_cmd(train, heldout, validation, no_validation, wording_files, 
     A presentation is WORDING/TEMPLATE/ORDER, e.g. vsm/chat/asc. Outputs: a listing (or JSON) on stdout.
     """
     survey = _survey(wording_files)
-    split = _split(survey, train, heldout, validation, no_validation, readout=readout or "digit")
+    split = _split(train, heldout, validation, no_validation, readout=readout or "digit", wording_files=wording_files)
     if as_json:
         click.echo(json.dumps({
             "wordings": {n: {"title": w.title, "note": w.note, "source": w.source} for n, w in survey.wordings.items()},
@@ -322,9 +318,8 @@ def validity_cmd(readout, no_cache, progress, model, device, dtype, as_json):
     from . import validity
 
     rt = _runtime(model, device, dtype)
-    survey = _survey(())
     readouts = list(READOUTS) if readout == "all" else [readout]
-    checks = _checks(rt, survey, readouts, use_cache=not no_cache, progress=progress)
+    checks = _checks(rt, readouts, use_cache=not no_cache, progress=progress)
     if as_json:
         click.echo(json.dumps({r: {**v.to_dict(), "from_cache": v.from_cache} for r, v in checks.items()}, indent=2))
         return
@@ -351,7 +346,7 @@ def validity_cmd(readout, no_cache, progress, model, device, dtype, as_json):
               help="Score only these presentations (names or patterns; repeatable); no held-out columns then.")
 @readout_option("digit: the option symbol after the prefill; label: each option's label text scored as the "
                 "continuation (its own templates, options without digits). Picks the default split. Default: the "
-                "(first) adapter's read-out, else digit.")
+                "(first) adapter's read-out, else the one the named presentations are written for, else digit.")
 @click.option("--validity/--no-validity", default=True, help="Show the model's validity check for the read-out "
               "(from the cache; measured first when absent, a few minutes on a CPU).")
 @split_options
@@ -365,50 +360,31 @@ def eval_cmd(region, target_spec, saudi_variant, adapters, adapters_dir, icl, pr
     and the naive model's noise band, exactly as `culign train` reports them. With --adapter and no split options,
     the split is the one the (first) adapter was trained on. Outputs: a table (or JSON) on stdout.
     """
-    from .evaluation import Comparison, Evaluator, Respondent
+    from . import api
     from .report import format_table
-    from .survey import Survey
 
     target = _target(region, target_spec, saudi_variant)
+    _survey(wording_files)  # a bad wording file is named before the model loads
     rt = _runtime(model, device, dtype)
-    survey = _survey(wording_files)
     loaded = [_load_adapter(name, _registry_dir(adapters_dir), rt) for name in adapters]
-    readout = readout or (loaded[0].provenance.get("readout") if loaded else None) or "digit"
-    if loaded and not (presentations or train or heldout or validation or no_validation or readout
-                       != (loaded[0].provenance.get("readout") or "digit")) \
-            and "split" in loaded[0].provenance:
-        s = loaded[0].provenance["split"]
-        split = Split(tuple(s["train"]), {k: tuple(v) for k, v in s.get("validation", {}).items()},
-                      {k: tuple(v) for k, v in s.get("heldout", {}).items()})
-    else:
-        split = _split(survey, train, heldout, validation, no_validation, presentations, readout=readout)
     try:
-        evaluator = Evaluator(rt, survey, target, split)
+        result = api.evaluate(target, model=rt, adapters=loaded, persona=icl, presentations=presentations,
+                              readout=readout, validity=validity, progress=not as_json,
+                              **_split_args(train, heldout, validation, no_validation, wording_files))
     except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    respondents = [Respondent.naive()]
-    if icl:
-        respondents.append(Respondent.with_persona(target.display_name))
-    respondents += [Respondent(a.info.ref, a.prompt) for a in loaded]
-    rows = []
-    for r in respondents:
-        with _status(f"scoring {r.label} on {len(split.all_names)} presentation(s)"):
-            rows.append(evaluator.evaluate(r))
-    for row, a in zip(rows[len(respondents) - len(loaded):], loaded):
-        row.extra["adapter"] = str(a.info.path)
-    comparison = Comparison(target, split, rows)
-    checks = _checks(rt, survey, [readout], progress=not as_json) if validity else {}
+        raise click.BadParameter(str(e), param_hint="--presentation" if presentations else _SPLIT_HINT) from None
+    split = result.split
     if as_json:
-        click.echo(json.dumps({**comparison.to_dict(), "model": rt.name, "presentations": split.all_names,
-                               "dtype": str(rt.dtype).replace("torch.", ""), "readout": readout,
-                               "validity": {r: v.summary() for r, v in checks.items()},
-                               "rows": [comparison.to_dict()["rows"][r.label] for r in rows]}, indent=2))
+        d = result.to_dict()
+        click.echo(json.dumps({**d, "presentations": split.all_names, "rows": [d["rows"][r.label] for r in
+                                                                                result.rows]}, indent=2))
     else:
-        click.echo(f"{target.name} ({target.key}) on {rt.name}, {readout} read-out: {len(split.train)} training, "
-                   f"{len(split.validation_names)} validation, {len(split.heldout_names)} held-out presentation(s)\n")
-        click.echo(format_table(comparison))
-        if checks:
-            click.echo("\n" + _validity_text(checks))
+        click.echo(f"{target.name} ({target.key}) on {rt.name}, {result.readout} read-out: {len(split.train)} "
+                   f"training, {len(split.validation_names)} validation, {len(split.heldout_names)} held-out "
+                   "presentation(s)\n")
+        click.echo(format_table(result.comparison))
+        if result.validity:
+            click.echo("\n" + _validity_text(result.validity))
 
 
 def _floats(text: str) -> tuple[float, float]:
@@ -510,15 +486,16 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
     local Ray started on demand or the cluster at --ray-address): one live line per region, then a table.
     With --regions the check runs once, here, before the regions fan out (the model is loaded here for it).
     """
-    from .survey import order_balanced
-    from .trainer import TrainSettings, train as run_train
-    from .validity import InvalidModelError, choose_readout
+    from . import api
+    from .registry import RegistryError
+    from .runtime import ModelLoadError
+    from .validity import InvalidModelError
 
     if regions is not None and (region or target_spec):
         raise click.UsageError("give --regions, or one --region / --target, not both")
     targets = _regions(regions, saudi_variant) if regions is not None else None
-    target = targets[0] if targets else _target(region, target_spec, saudi_variant, name)
-    survey = _survey(wording_files)
+    target = None if targets else _target(region, target_spec, saudi_variant, name)
+    _survey(wording_files)
     try:
         search = SearchConfig(optimizer=optimizer, tokens=tokens, dim=dim, bound=bound, scale=scale,
                               popsize=popsize, budget=budget, subset=subset, rotate_every=rotate_every, robust=robust,
@@ -527,15 +504,8 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
                               seed=seed, init=init, init_text=init_text)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    if readout is None and train:  # named training presentations say which read-out they are written for
-        try:
-            readout = survey.readout_of(survey.expand(train)[0])
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--train-presentation") from None
-    if readout is not None:
-        _split(survey, train, heldout, validation, no_validation, readout=readout)  # a bad split fails before loading
-    from .registry import RegistryError
-
+    if readout is not None or train:  # a bad split fails before anything loads
+        _split(train, heldout, validation, no_validation, readout=readout, wording_files=wording_files)
     if targets:
         from .fanout import FanoutError, check_address
 
@@ -545,54 +515,27 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
             raise click.BadParameter(str(e), param_hint="--ray-address") from None
     root = _registry_dir(adapters_dir)
     registry = _open_registry(root, check=True)  # before the model: a bad store costs nothing
-    rt = _runtime(model, device, dtype)
-    checks = _checks(rt, survey, [readout] if readout else list(READOUTS), progress=progress)
-    block = _validity_text(checks)
+    common = dict(readout=readout, force_invalid=force_invalid, search=search, resume=resume, progress=progress,
+                  echo=lambda m: click.echo(m, err=True),
+                  **_split_args(train, heldout, validation, no_validation, wording_files))
     try:
-        chosen, forced = choose_readout(checks, readout, force_invalid)
+        if targets:  # the fan-out: every region as its own task, gated once here (the check is per model)
+            return _train_many(targets, root, checkpoint_dir, ray_address, cpus_per_region, gpus_per_region, model,
+                               device, dtype, as_json, common)
+        rt = _runtime(model, device, dtype)
+        outcome = api.train(target, model=rt, registry=registry, checkpoint_dir=checkpoint_dir, **common)
     except InvalidModelError as e:
-        raise _Refused(f"{e}.\n{block}\nThe model's answers do not follow meaning and culture well enough for an "
-                       "alignment to mean anything (docs/method.md: \"Is the model's answer valid?\"). To run the pipeline "
-                       "anyway, add --force-invalid: the adapter is then marked as trained on an invalid model.") \
-            from None
-    click.echo(block, err=True)
-    if forced:
-        click.echo(f"--force-invalid: training on the {chosen} read-out although it {checks[chosen].verdict}; the "
-                   "adapter is marked as trained on an invalid model", err=True)
-    split = _split(survey, train, heldout, validation, no_validation, readout=chosen)
-    balanced = checks[chosen].follows_meaning and not (train or heldout or validation or no_validation)
-    if balanced:
-        split = order_balanced(split)
-        click.echo(f"the {chosen} read-out follows meaning: training on both scale orders "
-                   f"({len(split.train)} presentations)", err=True)
-    try:
-        settings = TrainSettings(search=search, split=split)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    gate = dict(readout=chosen, validity={r: v.summary() for r, v in checks.items()}, forced_invalid=forced,
-                order_balanced=balanced)
-    if targets:  # the fan-out: every region as its own task, gated once here (the check is per model)
-        from .fanout import RegionJob
-
-        where = lambda p: str(p.resolve()) if isinstance(p, Path) else p  # noqa: E731  workers have other cwds
-        jobs = [RegionJob(t, settings, where(root), model, device, dtype, tuple(map(where, map(Path, wording_files))),
-                          None if checkpoint_dir is None else where(checkpoint_dir), resume,
-                          max(1, int(cpus_per_region)), gate) for t in targets]
-        del rt  # the tasks load their own copy
-        return _train_many(jobs, ray_address, cpus_per_region, gpus_per_region, progress, as_json)
-    try:
-        outcome = run_train(rt, survey, target, settings, registry, checkpoint_dir=checkpoint_dir,
-                            resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True), **gate)
-    except (ValueError, RegistryError) as e:
+        raise _Refused(f"{e}.\n{_validity_text(e.reports)}\nThe model's answers do not follow meaning and culture "
+                       "well enough for an alignment to mean anything (docs/method.md: \"Is the model's answer "
+                       "valid?\"). To run the pipeline anyway, add --force-invalid: the adapter is then marked as "
+                       "trained on an invalid model.") from None
+    except (ValueError, RegistryError, ModelLoadError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:  # before the search began (or after it, while saving): nothing half-written is kept
         click.echo("\ninterrupted before a prompt was saved: nothing written (a checkpoint, if the search had "
                    "started, lets --resume continue)", err=True)
         sys.exit(130)
-    if as_json:
-        click.echo(json.dumps(outcome.report, indent=2))
-    else:
-        click.echo(outcome.table)
+    click.echo(json.dumps(outcome.report, indent=2) if as_json else outcome.table())
     interrupted = outcome.report["interrupted"]
     click.echo(f"\n{'interrupted: best prompt so far ' if interrupted else ''}saved {outcome.adapter.ref} -> "
                f"{outcome.adapter.path}\nreport: {outcome.adapter.path / 'report.html'} (report.json, radar.png, "
@@ -630,14 +573,16 @@ def _regions(spec: str, saudi_variant: str) -> list[Target]:
     return list(seen.values())
 
 
-def _train_many(jobs, ray_address, cpus_per_region, gpus_per_region, progress: bool, as_json: bool):
-    from .fanout import FanoutError, LiveLines, fan_out, results_table
+def _train_many(targets, root, checkpoint_dir, ray_address, cpus_per_region, gpus_per_region, model, device, dtype,
+                as_json: bool, common: dict):
+    from . import api
+    from .fanout import FanoutError, LiveLines, results_table
 
-    click.echo(f"training {len(jobs)} regions on Ray ({cpus_per_region:g} CPU, {gpus_per_region:g} GPU each): "
-               + ", ".join(j.target.key for j in jobs), err=True)
     try:
-        results = fan_out(jobs, ray_address=ray_address, cpus_per_region=cpus_per_region,
-                          gpus_per_region=gpus_per_region, on_update=LiveLines() if progress else None)
+        results = api.train_regions(targets, model=model, device=device, dtype=dtype, registry=root,
+                                    checkpoint_dir=checkpoint_dir, ray_address=ray_address,
+                                    cpus_per_region=cpus_per_region, gpus_per_region=gpus_per_region,
+                                    on_update=LiveLines() if common["progress"] else None, **common)
     except FanoutError as e:
         raise click.BadParameter(str(e), param_hint="--ray-address") from None
     except KeyboardInterrupt:
@@ -864,17 +809,15 @@ def adapters_rm(ctx, ref: str, adapters_dir, yes: bool, dry_run: bool):
     click.echo(f"removed {', '.join(i.ref for i in removed)}")
 
 
-def _load_adapter(name: str, adapters_dir: Path, rt):
-    """An adapter folder path, or REGION[@VERSION] in the registry, loaded and checked against the model."""
-    from .registry import Registry, RegistryError
+def _load_adapter(name: str, adapters_dir, rt):
+    """An adapter folder path, or REGION[@VERSION] in the registry (culign.api.load_adapter), as a usage error when
+    it cannot be loaded for this model."""
+    from . import api
+    from .registry import RegistryError
 
-    path = Path(name)
     try:
-        if path.is_dir():
-            registry, region, version = Registry(path.parent.parent), path.parent.name, int(path.name)
-        else:
-            (region, version), registry = _ref(name, "--adapter"), _open_registry(adapters_dir, check=True)
-        return registry.load(region, version, hidden_size=rt.hidden_size, base_fingerprint=rt.fingerprint)
+        registry = None if Path(name).is_dir() else _open_registry(adapters_dir, check=True)
+        return api.load_adapter(name, rt, registry)
     except (RegistryError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="--adapter") from None
 

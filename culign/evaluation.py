@@ -343,9 +343,7 @@ class Comparison:
         target = Target(t["key"], t["name"], dict(t["scores"]), t.get("source", ""), t.get("code"),
                         tuple(t.get("missing", ())))
         if "split" in report:
-            s = report["split"]
-            split = Split(tuple(s["train"]), {k: tuple(v) for k, v in s.get("validation", {}).items()},
-                          {k: tuple(v) for k, v in s.get("heldout", {}).items()})
+            split = Split.from_dict(report["split"])
             rows = [Evaluation(label, target, split,
                                {n: PresentationScore.from_dict(n, d) for n, d in row["per_presentation"].items()},
                                {k: row[k] for k in ("persona", "adapter") if k in row})

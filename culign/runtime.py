@@ -475,6 +475,48 @@ class Runtime:
         return self.model.get_output_embeddings()(hidden).float()
 
     # ------------------------------------------------------------------ scoring
+    def _embed_ids(self, ids) -> torch.Tensor:
+        return self.model.get_input_embeddings()(torch.as_tensor(ids, dtype=torch.long, device=self.device)) \
+            .to(self.dtype)
+
+    def _shared_prefix_blocks(self, soft_prompts: torch.Tensor | None, shared_ids: Sequence[int], block: int):
+        """The scoring tree's trunk, ``block`` candidates at a time: yields (b, snapshot, P0), the keys and values
+        of ``[soft prompt][shared]`` for b candidates (P0 positions), computed in one forward. Both read-outs
+        branch off it, so the shared part of every presentation is paid once per block."""
+        from transformers import DynamicCache
+
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        if soft_prompts is None:
+            soft_prompts = torch.zeros(1, 0, self.hidden_size)
+        soft_prompts = soft_prompts.to(self.device, self.dtype)
+        S, n = soft_prompts.shape[:2]
+        shared = self._embed_ids(list(shared_ids))
+        P0 = n + shared.shape[0]
+        for start in range(0, S, block):
+            sp = soft_prompts[start:start + block]
+            b = sp.shape[0]
+            cache = DynamicCache(config=self.model.config)
+            self.model.base_model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
+                                  position_ids=torch.arange(P0, device=self.device).unsqueeze(0),
+                                  **self._kv(cache), use_cache=True)
+            yield b, [(layer.keys, layer.values) for layer in cache.layers], P0  # updates concatenate: never mutated
+
+    def _group_cache(self, snapshot, prefix: torch.Tensor, b: int, P0: int):
+        """A fresh cache holding the trunk's snapshot extended by a group's prefix embeddings: (cache, P), P the
+        positions it now covers."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(snapshot):
+            cache.update(k, v, i)
+        P = P0 + prefix.shape[0]
+        if prefix.shape[0]:
+            self.model.base_model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
+                                  position_ids=torch.arange(P0, P, device=self.device).unsqueeze(0),
+                                  **self._kv(cache), use_cache=True)
+        return cache, P
+
     @torch.inference_mode()
     def option_logprobs(self, shared_ids: Sequence[int], groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                         soft_prompts: torch.Tensor | None, option_ids: Sequence[int],
@@ -494,19 +536,6 @@ class Runtime:
         in float32; in bf16 up to 0.18 on an expected answer), so a number that is reported or saved is always the
         prompt re-scored alone, the way `culign eval` scores it.
         """
-        from transformers import DynamicCache
-
-        if soft_prompts is None:
-            soft_prompts = torch.zeros(1, 0, self.hidden_size)
-        soft_prompts = soft_prompts.to(self.device, self.dtype)
-        S, n = soft_prompts.shape[:2]
-        embed = self.model.get_input_embeddings()
-
-        def embed_ids(ids) -> torch.Tensor:
-            return embed(torch.as_tensor(ids, dtype=torch.long, device=self.device)).to(self.dtype)
-
-        shared = embed_ids(list(shared_ids))
-        P0 = n + shared.shape[0]
         prepared = []
         for prefix_ids, suffixes in groups:
             lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
@@ -514,28 +543,12 @@ class Runtime:
             ids = torch.full((len(suffixes), Ls), self.pad_id, dtype=torch.long)
             for q, suf in enumerate(suffixes):
                 ids[q, : len(suf)] = torch.tensor(list(suf), dtype=torch.long)
-            prepared.append((embed_ids(list(prefix_ids)), embed_ids(ids), lengths))
+            prepared.append((self._embed_ids(list(prefix_ids)), self._embed_ids(ids), lengths))
         opt = torch.as_tensor(list(option_ids), device=self.device)
-        if block < 1:
-            raise ValueError(f"block must be >= 1, got {block}")
         out: list[list[torch.Tensor]] = [[] for _ in groups]
-        for start in range(0, S, block):
-            sp = soft_prompts[start:start + block]
-            b = sp.shape[0]
-            cache = DynamicCache(config=self.model.config)
-            self.model.base_model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
-                                  position_ids=torch.arange(P0, device=self.device).unsqueeze(0),
-                                  **self._kv(cache), use_cache=True)
-            snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
+        for b, snapshot, P0 in self._shared_prefix_blocks(soft_prompts, shared_ids, block):
             for g, (prefix, suffix_emb, lengths) in enumerate(prepared):
-                cache = DynamicCache(config=self.model.config)
-                for i, (k, v) in enumerate(snapshot):
-                    cache.update(k, v, i)
-                P = P0 + prefix.shape[0]
-                if prefix.shape[0]:
-                    self.model.base_model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
-                                          position_ids=torch.arange(P0, P, device=self.device).unsqueeze(0),
-                                          **self._kv(cache), use_cache=True)
+                cache, P = self._group_cache(snapshot, prefix, b, P0)
                 Q, Ls = suffix_emb.shape[:2]
                 cache.batch_repeat_interleave(Q)  # rows: candidate-major, Q suffixes each
                 hidden = self.model.base_model(
@@ -567,22 +580,7 @@ class Runtime:
         five continuations cost only their own tokens, and a group still costs one forward. Candidates run
         ``block`` at a time, as in :meth:`option_logprobs`.
         """
-        from transformers import DynamicCache
-
-        if soft_prompts is None:
-            soft_prompts = torch.zeros(1, 0, self.hidden_size)
-        soft_prompts = soft_prompts.to(self.device, self.dtype)
-        S, n = soft_prompts.shape[:2]
-        if block < 1:
-            raise ValueError(f"block must be >= 1, got {block}")
-        embed = self.model.get_input_embeddings()
         dev = self.device
-
-        def embed_ids(ids) -> torch.Tensor:
-            return embed(torch.as_tensor(ids, dtype=torch.long, device=dev)).to(self.dtype)
-
-        shared = embed_ids(list(shared_ids))
-        P0 = n + shared.shape[0]
         prepared = []
         for prefix_ids, suffixes, conts in groups:
             if len(conts) != len(suffixes) or any(len(c) != len(conts[0]) for c in conts):
@@ -619,29 +617,16 @@ class Runtime:
                         rows.append(q), slots.append(a + j), targets.append(c[j + 1]), which.append(k)
             first = torch.tensor([[c[0] for c in cs] for cs in conts], device=dev)  # [Q, K], read after the suffix
             lengths = torch.tensor([len(x) for x in suffixes], device=dev)
-            prepared.append((embed_ids(list(prefix_ids)), embed_ids(ids), rel.to(dev), local.to(dev), lengths, first,
+            prepared.append((self._embed_ids(list(prefix_ids)), self._embed_ids(ids), rel.to(dev), local.to(dev),
+                             lengths, first,
                              torch.tensor(rows, dtype=torch.long, device=dev),
                              torch.tensor(slots, dtype=torch.long, device=dev),
                              torch.tensor(targets, dtype=torch.long, device=dev),
                              torch.tensor(which, dtype=torch.long, device=dev)))
         out: list[list[torch.Tensor]] = [[] for _ in groups]
-        for start in range(0, S, block):
-            sp = soft_prompts[start:start + block]
-            b = sp.shape[0]
-            cache = DynamicCache(config=self.model.config)
-            self.model.base_model(inputs_embeds=torch.cat([sp, shared.unsqueeze(0).expand(b, -1, -1)], dim=1),
-                                  position_ids=torch.arange(P0, device=dev).unsqueeze(0),
-                                  **self._kv(cache), use_cache=True)
-            snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
+        for b, snapshot, P0 in self._shared_prefix_blocks(soft_prompts, shared_ids, block):
             for g, (prefix, tree, rel, local, lengths, first, rows, slots, targets, which) in enumerate(prepared):
-                cache = DynamicCache(config=self.model.config)
-                for i, (k, v) in enumerate(snapshot):
-                    cache.update(k, v, i)
-                P = P0 + prefix.shape[0]
-                if prefix.shape[0]:
-                    self.model.base_model(inputs_embeds=prefix.unsqueeze(0).expand(b, -1, -1),
-                                          position_ids=torch.arange(P0, P, device=dev).unsqueeze(0),
-                                          **self._kv(cache), use_cache=True)
+                cache, P = self._group_cache(snapshot, prefix, b, P0)
                 Q, T = tree.shape[:2]
                 cache.batch_repeat_interleave(Q)  # rows: candidate-major, Q suffixes each
                 mask = torch.cat([torch.ones(b * Q, T, P, dtype=torch.bool, device=dev), local.repeat(b, 1, 1)],

@@ -362,6 +362,12 @@ class Split:
         return {"train": list(self.train), "validation": {k: list(v) for k, v in self.validation.items()},
                 "heldout": {k: list(v) for k, v in self.heldout.items()}}
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Split":
+        """The inverse of :meth:`to_dict` (an adapter's provenance, a report)."""
+        return cls(tuple(raw["train"]), {k: tuple(v) for k, v in raw.get("validation", {}).items()},
+                   {k: tuple(v) for k, v in raw.get("heldout", {}).items()})
+
 
 def _unique(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))

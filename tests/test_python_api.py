@@ -76,3 +76,20 @@ def test_every_example_in_docs_python_md_runs(tmp_path, monkeypatch):
         exec(compile(block, "docs/python.md", "exec"), namespace)  # noqa: S102  our own documentation
     assert (tmp_path / "my-adapters" / "US" / "1" / "adapter_model.safetensors").exists()
     assert os.getcwd() == str(tmp_path)
+
+
+def test_splits_and_read_outs_are_chosen_as_the_cli_chooses_them(word_runtime):
+    digit = culign.make_split()
+    assert len(digit.train) == 9 and digit.leaks() == []
+    assert all("label_" not in n for n in digit.all_names)
+    label = culign.make_split("label")
+    assert all(n.split("/")[1].startswith("label_") for n in label.all_names)
+    inferred = culign.make_split(train=["vsm/label_chat/asc"])  # the read-out the named presentations are written for
+    assert inferred.train == ("vsm/label_chat/asc",) and all("label_" in n for n in inferred.all_names)
+    assert culign.make_split("digit", validation=[]).validation == {}
+    with pytest.raises(ValueError, match="not both"):
+        culign.make_split(presentations=["vsm/chat/asc"], train=["vsm/chat/asc"])
+    result = culign.evaluate("US", model=word_runtime, presentations=["vsm/label_chat/asc"])
+    assert result.readout == "label" and result.to_dict()["readout"] == "label"
+    with pytest.raises(ValueError, match="not both"):
+        culign.train("US", model=word_runtime, search=culign.optimize.SearchConfig(), budget=16)

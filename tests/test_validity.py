@@ -223,3 +223,31 @@ def test_eval_reads_labels_and_shows_the_validity_block(monkeypatch, word_runtim
                                                                                      "vsm/label_chat/desc"}
     r = CliRunner().invoke(cli.main, [*args[:5], "--train-presentation", "vsm/chat/asc"])
     assert r.exit_code == 2 and "digit read-out, not label" in r.output
+
+
+def test_the_fan_out_is_gated_once_before_any_region_starts(monkeypatch, tmp_path):
+    """culign.train_regions runs the check in the driver: a failing model never reaches Ray, and a forced run hands
+    every region the same gate (read-out, verdicts, forced mark) so each adapter is marked."""
+    import culign
+    from culign import api
+    from conftest import build_tiny_model, build_word_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    tok = build_word_tokenizer()
+    build_tiny_model(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    bad = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5))
+    monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: bad)
+    started = []
+    monkeypatch.setattr(api, "fan_out", lambda jobs, **kw: started.append(jobs) or [])
+    with pytest.raises(culign.InvalidModelError):
+        culign.train_regions(["US", "CN"], model=str(model_dir), registry=tmp_path / "reg", readout="digit",
+                             presentations=["vsm/chat/asc"], budget=16, popsize=8)
+    assert started == []
+    culign.train_regions(["US", "CN"], model=str(model_dir), registry=tmp_path / "reg", readout="digit",
+                         presentations=["vsm/chat/asc"], budget=16, popsize=8, force_invalid=True)
+    (jobs,) = started
+    assert [j.target.key for j in jobs] == ["US", "CN"]
+    assert all(j.gate["forced_invalid"] and j.gate["readout"] == "digit" for j in jobs)
+    assert all(j.gate["validity"]["digit"]["verdict"] == V.POSITION for j in jobs)
+    assert all(j.adapters == str((tmp_path / "reg").resolve()) for j in jobs)  # workers have other working dirs
