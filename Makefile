@@ -47,8 +47,9 @@ test: setup
 bench: setup
 	$(BIN)/python bench/score.py
 
-image: setup  ## the serving image, built and run here with no registry (root; debootstrap + buildah)
-	bash deploy/build-image.sh
+IMAGE_ENGINE ?= culign
+image: setup  ## the serving image, built and run here with no registry (root; debootstrap + buildah); IMAGE_ENGINE=vllm for vLLM's
+	bash deploy/build-image.sh --engine $(IMAGE_ENGINE)
 
 # The reliability suite (docs/reliability.md): a live server on 127.0.0.1 over a copy of adapters/, the hostile corpus
 # and schema fuzzing, 16 clients for 60 s, dropped streams, registry faults, training killed at 5 points, each

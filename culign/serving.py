@@ -65,7 +65,8 @@ def load_engine(settings: ServiceSettings) -> tuple[Runtime, Engine | None]:
     engine = VllmEngine(runtime, model_source(settings.model)[0], max_rows=settings.max_rows,
                         max_queue=settings.max_queue, grace=settings.shutdown_grace_s,
                         dtype=vllm_dtype(settings.dtype, device), enforce_eager=settings.vllm_eager,
-                        kv_cache_gib=settings.vllm_kv_gib, device=device)
+                        kv_cache_gib=settings.vllm_kv_gib, device=device,
+                        tensor_parallel_size=settings.vllm_tensor_parallel)
     return runtime, engine
 
 

@@ -43,6 +43,7 @@ class ServiceSettings:
     engine: str = "culign"  # CULIGN_ENGINE: culign (its own scheduler) or vllm (needs the culign[vllm] extra)
     vllm_kv_gib: float = 1.0  # CULIGN_VLLM_KV_GIB: vLLM's KV cache on CPU (VLLM_CPU_KVCACHE_SPACE, if that is unset)
     vllm_eager: bool = True  # CULIGN_VLLM_EAGER: 1 (no torch.compile: loads in ~20 s) or 0 (compiled: faster, ~100 s)
+    vllm_tensor_parallel: int = 1  # CULIGN_VLLM_TENSOR_PARALLEL: GPUs one vLLM engine shards the model over
     api_keys: Path | None = None  # CULIGN_API_KEYS: a file of sha256-hashed keys (culign/auth.py); unset: no auth
 
     @classmethod
@@ -107,6 +108,7 @@ class ServiceSettings:
                 max_header_block_bytes=number("CULIGN_MAX_HEADER_BLOCK_BYTES", int, d["max_header_block_bytes"], 1024),
                 log_level=level, batch_invariant=invariant, engine=engine,
                 vllm_kv_gib=number("CULIGN_VLLM_KV_GIB", float, d["vllm_kv_gib"], 0.0625), vllm_eager=eager,
+                vllm_tensor_parallel=number("CULIGN_VLLM_TENSOR_PARALLEL", int, d["vllm_tensor_parallel"], 1),
                 api_keys=Path(keys) if keys else None)
         if s.default_max_tokens > s.max_tokens:
             if get("CULIGN_DEFAULT_MAX_TOKENS") is not None:
@@ -116,4 +118,7 @@ class ServiceSettings:
         if s.max_header_block_bytes < s.max_header_bytes:
             raise SettingsError(f"CULIGN_MAX_HEADER_BLOCK_BYTES ({s.max_header_block_bytes}) is below "
                                 f"CULIGN_MAX_HEADER_BYTES ({s.max_header_bytes}): one header could never reach its cap")
+        if s.vllm_tensor_parallel > 1 and s.engine != "vllm":
+            raise SettingsError(f"CULIGN_VLLM_TENSOR_PARALLEL={s.vllm_tensor_parallel} needs CULIGN_ENGINE=vllm: "
+                                "culign's own engine runs on one device")
         return s

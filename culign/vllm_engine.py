@@ -65,7 +65,7 @@ class VllmEngine:
 
     def __init__(self, runtime: Runtime, model_path: str | Path, *, max_rows: int = 16, max_queue: int = 64,
                  grace: float = 2.0, dtype: torch.dtype = torch.float32, enforce_eager: bool = True,
-                 kv_cache_gib: float = 1.0, device: str = "cpu", seed: int = 0):
+                 kv_cache_gib: float = 1.0, device: str = "cpu", seed: int = 0, tensor_parallel_size: int = 1):
         if max_rows < 1 or max_queue < 0:
             raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
@@ -82,7 +82,8 @@ class VllmEngine:
         args = AsyncEngineArgs(model=str(model_path), tokenizer=str(model_path), dtype=str(dtype).replace("torch.", ""),
                                enforce_eager=enforce_eager, enable_prompt_embeds=True, enable_prefix_caching=True,
                                max_num_seqs=max_rows, max_model_len=runtime.max_context, seed=seed,
-                               disable_log_stats=True, skip_tokenizer_init=False)
+                               disable_log_stats=True, skip_tokenizer_init=False,
+                               tensor_parallel_size=tensor_parallel_size)  # shards the weights; prompt_embeds too
         self.llm = AsyncLLM.from_engine_args(args)
         self.load_seconds = time.perf_counter() - t0
         self._embed = runtime.model.get_input_embeddings()

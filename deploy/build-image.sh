@@ -4,21 +4,22 @@
 #   1. base image: Debian bookworm from Debian's packages (debootstrap --variant=minbase), committed into a local
 #      image with buildah (`localhost/culign-base:bookworm`). It already holds what BentoML's generated Dockerfile
 #      installs with apt (so its `apt-get` needs no network) and the `uv` binary of the host's environment.
-#   2. `bentoml build` of bentofile.yaml with two changes made in a temporary copy: `docker.base_image` is that
+#   2. `bentoml build` of bentofile.yaml (--engine vllm: deploy/bentofile-vllm.yaml) with two changes made in a temporary copy: `docker.base_image` is that
 #      local base, and torch is pinned to its CPU build (`torch==<version>+cpu`, never the multi-GB CUDA one).
 #   3. `bentoml containerize --backend buildah` on top of the base (never pulls). Python packages come from
 #        --wheelhouse DIR   wheels downloaded on the host first (pip download, filled in if missing) and mounted
 #                           into the build: installed with --no-index, no network at all (the default), or
 #        --network          PyPI from inside the build, the torch CPU wheel from --torch-wheel; add
 #                           --ca-bundle FILE where downloads go through a proxy that re-signs TLS.
-#   4. runs the image (buildah run, host network, chroot isolation), waits for /readyz and checks /v1/models and
-#      one chat completion with a region; prints the image size and the cold start time.
+#   4. runs the image (buildah run, host network, chroot isolation), waits for /readyz and checks /v1/models (the
+#      engine it names is the one asked for) and one chat completion with a region; prints the image size and the
+#      cold start time.
 #
 # On a machine with Docker and a registry, the standard `bentoml build && bentoml containerize culign:latest` still
 # works: this script changes nothing in the repository.
 #
-#   deploy/build-image.sh [--wheelhouse DIR | --network] [--torch-wheel FILE] [--ca-bundle FILE]
-#                         [--tag NAME] [--port N] [--no-run] [--workdir DIR] [--mirror URL]
+#   deploy/build-image.sh [--engine culign|vllm] [--wheelhouse DIR | --network] [--torch-wheel FILE]
+#                         [--ca-bundle FILE] [--tag NAME] [--port N] [--no-run] [--workdir DIR] [--mirror URL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT_DIR=$PWD
@@ -27,7 +28,8 @@ MODE=wheelhouse
 WHEELHOUSE=""
 TORCH_WHEEL=""
 CA_BUNDLE=""
-TAG="culign:image"
+TAG=""
+ENGINE=culign
 PORT=3311
 RUN=1
 WORK="${CULIGN_IMAGE_WORKDIR:-${XDG_CACHE_HOME:-$HOME/.cache}/culign/image}"  # rootfs, wheelhouse, bento, logs
@@ -35,6 +37,7 @@ MIRROR=""
 usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    --engine) ENGINE="$2"; shift 2 ;;
     --wheelhouse) MODE=wheelhouse; WHEELHOUSE="$2"; shift 2 ;;
     --network) MODE=network; shift ;;
     --torch-wheel) TORCH_WHEEL="$2"; shift 2 ;;
@@ -51,6 +54,12 @@ done
 
 say() { printf '\n== %s\n' "$*"; }
 die() { echo "build-image: $*" >&2; exit 1; }
+case "$ENGINE" in
+  culign) BENTOFILE_SRC=bentofile.yaml; READY_S=150 ;;
+  vllm) BENTOFILE_SRC=deploy/bentofile-vllm.yaml; READY_S=600 ;;  # vLLM's engine start and its KV cache: slower
+  *) die "--engine $ENGINE: choose culign or vllm" ;;
+esac
+[ -n "$TAG" ] || TAG="culign:image$([ "$ENGINE" = culign ] || echo "-$ENGINE")"
 for tool in debootstrap buildah; do
   command -v "$tool" >/dev/null || die "$tool is missing: apt-get install buildah debootstrap"
 done
@@ -122,11 +131,11 @@ buildah commit -q --rm "$ctr" "$BASE" > /dev/null
 trap - EXIT
 
 # ---------------------------------------------------------------------------------------------- 2. bentoml build
-say "bentoml build (base $BASE, torch==$TORCH_VERSION+cpu)"
+say "bentoml build of $BENTOFILE_SRC (base $BASE, torch==$TORCH_VERSION+cpu)"
 BENTOFILE="$WORK/bentofile.yaml"
 sed -e "s|^docker:|docker:\n  base_image: \"$BASE\"|" \
     -e "s|^\( *- \)torch==[0-9.]*\(.*\)$|\1torch==$TORCH_VERSION+cpu  # the CPU build, from the build's /wheels|" \
-    bentofile.yaml > "$BENTOFILE"
+    "$BENTOFILE_SRC" > "$BENTOFILE"
 grep -q "torch==$TORCH_VERSION+cpu" "$BENTOFILE" || die "could not pin the torch CPU build in $BENTOFILE"
 BENTO=$("$BIN/bentoml" build -f "$BENTOFILE" --output tag . | tail -1)
 BENTO=${BENTO#__tag__:}
@@ -193,20 +202,22 @@ start=$(date +%s.%N)
 setsid buildah run --isolation chroot --network host --user bentoml "$ctr" -- \
   /home/bentoml/bento/env/docker/entrypoint.sh --host 127.0.0.1 --port "$PORT" > "$WORK/serve.log" 2>&1 &
 server=$!
-for _ in $(seq 1 300); do
+for _ in $(seq 1 $((2 * READY_S))); do
   if curl -sf "http://127.0.0.1:$PORT/readyz" > /dev/null 2>&1; then break; fi
   kill -0 "$server" 2>/dev/null || { tail -20 "$WORK/serve.log"; die "the server in the image exited"; }
   sleep 0.5
 done
-curl -sf "http://127.0.0.1:$PORT/readyz" > /dev/null || { tail -20 "$WORK/serve.log"; die "not ready after 150 s"; }
+curl -sf "http://127.0.0.1:$PORT/readyz" > /dev/null || { tail -20 "$WORK/serve.log"; die "not ready after $READY_S s"; }
 COLD=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
 echo "cold start (process start to /readyz): $COLD s"
 models=$(curl -sf "http://127.0.0.1:$PORT/v1/models")
 python3 -c "import json,sys; d=json.load(sys.stdin); print('models:', [m['id'] for m in d['data']])" <<< "$models"
 grep -q '"US"' <<< "$models" || die "/v1/models does not list US"
+python3 -c "import json,sys; e=json.load(sys.stdin)['engine']; print('engine:', e['name'], 'batch-invariant:', e['batch_invariant']); sys.exit(e['name'] != '$ENGINE')" <<< "$models" \
+  || die "/v1/models does not say the $ENGINE engine serves"
 reply=$(curl -sf "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
   -H 'X-Culign-Region: US' \
   -d '{"model": "US", "messages": [{"role": "user", "content": "What matters most at work?"}], "max_tokens": 16}')
 python3 -c "import json,sys; d=json.load(sys.stdin); print('chat:', d['model'], repr(d['choices'][0]['message']['content']))" <<< "$reply"
 grep -q '"model": *"US@' <<< "$reply" || die "the chat completion was not served by a US adapter: $reply"
-echo "image $TAG: size $SIZE, cold start $COLD s, /v1/models and a US chat completion OK"
+echo "image $TAG ($ENGINE engine): size $SIZE, cold start $COLD s, /v1/models and a US chat completion OK"

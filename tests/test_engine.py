@@ -250,9 +250,13 @@ def test_settings_from_env(tmp_path):
     for env, name in [({"CULIGN_MAX_TOKENS": "lots"}, "CULIGN_MAX_TOKENS"), ({"CULIGN_MAX_QUEUE": "-1"},
                       "CULIGN_MAX_QUEUE"), ({"CULIGN_SCHEDULER": "fancy"}, "CULIGN_SCHEDULER"),
                       ({"CULIGN_LOG_LEVEL": "LOUD"}, "CULIGN_LOG_LEVEL"),
-                      ({"CULIGN_MAX_HEADER_BLOCK_BYTES": "4096"}, "CULIGN_MAX_HEADER_BLOCK_BYTES")]:
+                      ({"CULIGN_MAX_HEADER_BLOCK_BYTES": "4096"}, "CULIGN_MAX_HEADER_BLOCK_BYTES"),
+                      ({"CULIGN_VLLM_TENSOR_PARALLEL": "0"}, "CULIGN_VLLM_TENSOR_PARALLEL"),
+                      ({"CULIGN_VLLM_TENSOR_PARALLEL": "2"}, "CULIGN_VLLM_TENSOR_PARALLEL.*CULIGN_ENGINE=vllm")]:
         with pytest.raises(SettingsError, match=name):
             ServiceSettings.from_env({"CULIGN_ADAPTERS": str(tmp_path), **env})
+    assert ServiceSettings.from_env({"CULIGN_ADAPTERS": str(tmp_path), "CULIGN_ENGINE": "vllm",
+                                     "CULIGN_VLLM_TENSOR_PARALLEL": "4"}).vllm_tensor_parallel == 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.max_rows = 3  # frozen
 

@@ -18,17 +18,19 @@ pytestmark = [pytest.mark.image,
                                  reason="slow: set CULIGN_IMAGE_TEST=1 to build and run the image")]
 
 
-def test_build_image_script_builds_and_serves(tmp_path):
+@pytest.mark.parametrize("engine", ["culign", "vllm"])
+def test_build_image_script_builds_and_serves(tmp_path, engine):
     for tool in ("debootstrap", "buildah"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: apt-get install buildah debootstrap")
     work = Path(os.environ.get("CULIGN_IMAGE_WORKDIR", tmp_path / "image"))  # reuse one to keep the wheelhouse
-    proc = subprocess.run(["bash", "deploy/build-image.sh", "--workdir", str(work), "--tag", "culign:test"],
+    proc = subprocess.run(["bash", "deploy/build-image.sh", "--engine", engine, "--workdir", str(work), "--tag",
+                           f"culign:test-{engine}"],
                           cwd=REPO, capture_output=True, text=True, timeout=3000)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "cold start (process start to /readyz)" in out
-    assert "/v1/models and a US chat completion OK" in out
+    assert f"({engine} engine)" in out and "/v1/models and a US chat completion OK" in out
     with pytest.raises(OSError):  # the script stopped the server it started, workers included
         socket.create_connection(("127.0.0.1", 3311), timeout=2).close()
     # the image's Python has the CPU build of torch, never the CUDA one

@@ -194,3 +194,8 @@ def test_chat_engine_on_vllm_answers_429_past_the_bound(vllm_engine, tmp_path):
     while vllm_engine._active:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_the_engine_is_built_with_culigns_parallelism(vllm_engine):
+    # CULIGN_VLLM_TENSOR_PARALLEL reaches vLLM's engine arguments (1 here: one CPU device; N shards over N GPUs)
+    assert vllm_engine.llm.vllm_config.parallel_config.tensor_parallel_size == 1
