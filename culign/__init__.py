@@ -6,9 +6,12 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # the API on first use, not at `import culign`: the CLI and the service start without loading what they skip
     import importlib
+    import importlib.util
 
     if name.startswith("__"):
         raise AttributeError(name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # `from culign import http_limits` asks here
+        return importlib.import_module(f"{__name__}.{name}")  # first: a submodule must not pull in the whole API
     api = importlib.import_module("culign.api")
     if name in api.__all__:
         return getattr(api, name)

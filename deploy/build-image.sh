@@ -110,7 +110,8 @@ trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
 mnt=$(buildah mount "$ctr")
 cp -a "$ROOTFS"/. "$mnt"/
 rm -f "$mnt"/etc/apt/sources.list "$mnt"/etc/apt/sources.list.d/*  # apt in the build: offline, all present
-UV=$(command -v uv || echo "$BIN/uv")  # bentoml brings uv into .venv; BentoML's Dockerfile would pip-install it
+UV=$(command -v uv || echo "$BIN/uv")  # BentoML's Dockerfile would pip-install uv: the image gets the host's instead
+[ -x "$UV" ] || "$BIN/pip" install -q uv || die "no uv binary found, and pip could not install it"
 [ -x "$UV" ] || die "no uv binary found (pip install uv)"
 install -m 0755 "$UV" "$mnt/usr/local/bin/uv"
 mkdir -p "$mnt/etc/uv"

@@ -93,3 +93,15 @@ def test_splits_and_read_outs_are_chosen_as_the_cli_chooses_them(word_runtime):
     assert result.readout == "label" and result.to_dict()["readout"] == "label"
     with pytest.raises(ValueError, match="not both"):
         culign.train("US", model=word_runtime, search=culign.optimize.SearchConfig(), budget=16)
+
+
+def test_the_service_starts_without_the_training_stack():
+    """`from culign import http_limits` (service.py) must not load culign.api through the package's lazy re-export:
+    the serving image has no scipy or Ray (bentofile.yaml), and a service that imported them would not start."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, service; loaded = [m for m in ('culign.api', 'culign.trainer', 'scipy', 'ray') "
+             "if m in sys.modules]; print(loaded); sys.exit(1 if loaded else 0)")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
