@@ -90,7 +90,7 @@ case "$(basename "$TORCH_WHEEL")" in *+cpu-*) ;; *) die "$TORCH_WHEEL is not a C
 # ---------------------------------------------------------------------------------------------- 1. the base image
 BASE=localhost/culign-base:bookworm
 ROOTFS="$WORK/rootfs"
-if [ ! -x "$ROOTFS/usr/bin/python3.11" ]; then
+if [ ! -x "$ROOTFS/usr/bin/python3.11" ] || ! ls "$ROOTFS"/usr/lib/*/libnuma.so.1 > /dev/null 2>&1; then
   [ -n "$MIRROR" ] || MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
   [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) {print $i; exit}}' \
                                     /etc/apt/sources.list 2>/dev/null || true)  # skips "[signed-by=...]"
@@ -98,10 +98,12 @@ if [ ! -x "$ROOTFS/usr/bin/python3.11" ]; then
   say "debootstrap bookworm (minbase) from $MIRROR (about a minute)"
   rm -rf "$ROOTFS.partial"
   # what BentoML's Dockerfile apt-installs, so that its apt-get finds everything present and needs no network
+  # (libnuma1: vLLM's CPU kernels link it, deploy/bentofile-vllm.yaml's system_packages)
   debootstrap --variant=minbase \
-    --include=python3.11,python3.11-venv,python3-pip,ca-certificates,gnupg2,bash,build-essential,git \
+    --include=python3.11,python3.11-venv,python3-pip,ca-certificates,gnupg2,bash,build-essential,git,libnuma1 \
     bookworm "$ROOTFS.partial" "$MIRROR" > "$WORK/debootstrap.log" 2>&1 || die "debootstrap failed: $WORK/debootstrap.log"
   rm -rf "$ROOTFS.partial"/var/cache/apt/archives/*.deb "$ROOTFS.partial"/var/lib/apt/lists/*
+  rm -rf "$ROOTFS"  # an older base without a package now included
   mv "$ROOTFS.partial" "$ROOTFS"
 fi
 say "committing the base image $BASE"

@@ -233,6 +233,10 @@ def test_ctrl_c_keeps_every_checkpoint_and_resume_finishes_them(cluster, tiny_mo
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(ck.glob("*.json"))) < 2:
         time.sleep(0.2)
+    # both regions must be mid-search when the signal comes; if they never ran at once (a cluster short of CPUs
+    # runs them one after the other), say so rather than fail later on what the CLI printed
+    assert len(list(ck.glob("*.json"))) == 2, (f"never 2 checkpoints at once: {sorted(p.name for p in ck.iterdir())}"
+                                               f"; CLI alive: {proc.poll() is None}")
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=180)
