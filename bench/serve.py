@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from culign.registry import Registry  # noqa: E402
-from culign.runtime import GenerationRequest, Runtime, cpu_capability  # noqa: E402
+from culign.runtime import GenerationRequest, Runtime, cpu_capability, cpu_bf16_native  # noqa: E402
 from culign.scheduler import COMPUTE_THREADS, Job, Scheduler, StaticBatcher  # noqa: E402
 from culign.serving import ChatEngine, ChatRequest, load_runtime  # noqa: E402
 from culign.settings import ServiceSettings  # noqa: E402
@@ -76,8 +76,8 @@ class OneAdapterAtATime(StaticBatcher):
 
 
 WORKERS = {"continuous": Scheduler, "static": StaticBatcher, "one-adapter": OneAdapterAtATime}
-VLLM_CONFIGS = {"fp32-eager": (torch.float32, True), "bf16-eager": (torch.bfloat16, True),
-                "bf16-compiled": (torch.bfloat16, False)}
+VLLM_CONFIGS = {"fp32-eager": (torch.float32, True), "fp32-compiled": (torch.float32, False),
+                "bf16-eager": (torch.bfloat16, True), "bf16-compiled": (torch.bfloat16, False)}
 
 
 class Loop:
@@ -272,6 +272,9 @@ def main() -> None:
                     help=f"vLLM engines to measure: {', '.join(VLLM_CONFIGS)}")
     ap.add_argument("--mixes", type=int, default=64, help="random request mixes for the invariance check (0: skip)")
     ap.add_argument("--dtype", default=None, help="load-test dtype (default: the service's, from the CPU)")
+    ap.add_argument("--invariance-dtypes", default="auto",
+                    help="culign's engine: dtypes of the invariance check, e.g. float32,bfloat16 (auto: float32, and "
+                         "bfloat16 only where the CPU multiplies it natively; emulated bf16 is ~65x slower)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--invariance-cost", action="store_true",
                     help="only: closed-loop throughput in bf16 with row-wise decode attention (the default) and with "
@@ -342,7 +345,13 @@ def main() -> None:
             print(f"batch invariance ({name}): {differ} of {compared} greedy answers differ from their solo decode "
                   f"over {args.mixes} random mixes", flush=True)
         if args.mixes and names:
-            for dtype in ("float32", "bfloat16"):
+            dtypes = args.invariance_dtypes.split(",")
+            if args.invariance_dtypes == "auto":
+                dtypes = ["float32"] + (["bfloat16"] if cpu_bf16_native() else [])
+                if not cpu_bf16_native():
+                    print(f"batch invariance (bfloat16): not measured, this CPU ({cpu_capability()}) emulates bf16 "
+                          "(--invariance-dtypes float32,bfloat16 to force it)", flush=True)
+            for dtype in dtypes:
                 rt_d = rt if str(rt.dtype).endswith(dtype) else load_runtime(dtype=dtype)
                 torch.set_num_threads(COMPUTE_THREADS)
                 reg_d = registry_for(rt_d, tempfile.mkdtemp(prefix="culign-bench-"), 8)

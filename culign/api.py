@@ -240,11 +240,12 @@ class TrainResult:
 
 
 def _gate(rt: Runtime, survey: Survey, readout: str | None, force_invalid: bool, progress: bool, echo,
-          presentations, split, train, heldout, validation) -> tuple[Split, dict]:
+          presentations, split, train, heldout, validation, order_balanced: bool | None = None) -> tuple[Split, dict]:
     """The validity check before training (culign.validity): the read-out that passes (or the forced one), its
-    split (both scale orders where that read-out follows meaning and the split is the default one), and how the
-    run was gated, for the trainer's report and provenance. Raises InvalidModelError."""
-    from .survey import READOUTS, order_balanced
+    split (both scale orders where ``order_balanced`` says so; None: where that read-out follows meaning and the
+    split is the default one), and how the run was gated, for the trainer's report and provenance. Raises
+    InvalidModelError."""
+    from .survey import READOUTS, both_orders
     from .validity import choose_readout
 
     _one_source(presentations, split, train, heldout, validation)
@@ -262,10 +263,12 @@ def _gate(rt: Runtime, survey: Survey, readout: str | None, force_invalid: bool,
              "is marked as trained on an invalid model")
     sp = _chosen_split(survey, chosen, presentations, split, train, heldout, validation)
     default = split is None and not (presentations or train or heldout or validation is not None)
-    balanced = reports[chosen].follows_meaning and default
+    balanced = reports[chosen].follows_meaning and default if order_balanced is None else bool(order_balanced)
     if balanced:
-        sp = order_balanced(sp)
-        echo(f"the {chosen} read-out follows meaning: training on both scale orders ({len(sp.train)} presentations)")
+        sp = both_orders(sp)  # drops from every family what training now sees: nothing held out is trained on
+        why = "follows meaning" if order_balanced is None else "was asked for both orders"
+        echo(f"the {chosen} read-out {why}: training on both scale orders ({len(sp.train)} presentations; "
+             f"held-out families {', '.join(sp.heldout) or 'none'})")
     return sp, dict(readout=chosen, validity=summaries, forced_invalid=forced, order_balanced=balanced)
 
 
@@ -284,7 +287,7 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
           heldout: Sequence[str] = (), validation: Sequence[str] | None = None,
           wording_files: Sequence[str | Path] = (), checkpoint_dir: str | Path | None = None, resume: bool = False,
           progress: bool = False, echo=None, readout: str | None = None, force_invalid: bool = False,
-          search: SearchConfig | None = None, **search_fields) -> TrainResult:
+          order_balanced: bool | None = None, search: SearchConfig | None = None, **search_fields) -> TrainResult:
     """Train one region's soft prompt (`culign train --region`) and publish it to ``registry`` (a folder, an
     ``s3://`` URL or a registry object; default runs/adapters). The search: ``search=SearchConfig(...)`` or its
     fields as keywords (budget, popsize, tokens, dim, seed, optimizer, max_seconds, ...). The split: as in
@@ -292,8 +295,11 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
 
     The model's validity check runs first (from the cache when there), for ``readout`` or, when None, for every
     read-out: training uses the one that passes. A model that fails raises InvalidModelError unless
-    ``force_invalid``, and the adapter is then marked. ``echo`` receives the run's messages (default: printed when
-    ``progress``). Raises ValueError for bad settings, RegistryError when the registry refuses."""
+    ``force_invalid``, and the adapter is then marked. ``order_balanced``: train on every presentation in both
+    scale orders (True), never (False), or where the read-out follows meaning and the split is the default (None);
+    the ``order:`` held-out family then goes, the others keep their wordings and templates apart from training.
+    ``echo`` receives the run's messages (default: printed when ``progress``). Raises ValueError for bad settings,
+    RegistryError when the registry refuses."""
     echo = echo or (print if progress else _quiet)
     tgt = _target(target)
     cfg = _search(search, search_fields)
@@ -301,7 +307,7 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
     rt = _model(model)
     survey = Survey.load(wording_files=wording_files)
     sp, gate = _gate(rt, survey, readout, force_invalid, progress, echo, presentations, split, train, heldout,
-                     validation)
+                     validation, order_balanced)
     outcome = trainer.train(rt, survey, tgt, TrainSettings(search=cfg, split=sp), store,
                      checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume,
                      progress=progress, echo=echo, **gate)
@@ -315,7 +321,8 @@ def train_regions(targets: Sequence[str | Target], *, model: str | None = None, 
                   checkpoint_dir: str | Path | None = None, resume: bool = False, ray_address: str | None = None,
                   cpus_per_region: float = 1, gpus_per_region: float = 0, progress: bool = False, echo=None,
                   on_update=None, readout: str | None = None, force_invalid: bool = False,
-                  search: SearchConfig | None = None, **search_fields) -> list[RegionResult]:
+                  order_balanced: bool | None = None, search: SearchConfig | None = None,
+                  **search_fields) -> list[RegionResult]:
     """Many regions, one Ray task each (`culign train --regions`); one RegionResult per region, failures included.
     The validity check gates the run once, here, before the regions fan out (InvalidModelError as in
     :func:`train`); each task loads its own copy of ``model``. ``on_update(region, progress)``: live progress.
@@ -329,7 +336,7 @@ def train_regions(targets: Sequence[str | Target], *, model: str | None = None, 
     survey = Survey.load(wording_files=wording_files)
     rt = Runtime.load(model, device=device, dtype=dtype, scoring=True)
     sp, gate = _gate(rt, survey, readout, force_invalid, progress, echo, presentations, split, train, heldout,
-                     validation)
+                     validation, order_balanced)
     del rt  # the tasks load their own
     settings = TrainSettings(search=cfg, split=sp)
     echo(f"training {len(tgts)} regions on Ray ({cpus_per_region:g} CPU, {gpus_per_region:g} GPU each): "

@@ -444,6 +444,9 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--force-invalid", is_flag=True, help="Train although no read-out passes the validity check (a "
               "pipeline check, not an alignment): the adapter is marked so in its provenance, `adapters list`, "
               "the report and /v1/models. Without it such a model stops the run with exit 2.")
+@click.option("--order-balanced/--no-order-balanced", default=None, help="Train on every presentation in both "
+              "scale orders (the order:desc held-out family then goes; wordings and templates stay held out). "
+              "Default: where the read-out follows meaning and the split is the default one.")
 @split_options
 @registry_option
 @click.option("--checkpoint-dir", default=None, type=StoreLocation(),
@@ -457,7 +460,7 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, rotate_every, tokens, dim, bound, scale, popsize,
               budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, readout,
-              force_invalid, train, heldout, validation, no_validation, wording_files, adapters_dir, checkpoint_dir,
+              force_invalid, order_balanced, train, heldout, validation, no_validation, wording_files, adapters_dir, checkpoint_dir,
               regions, cpus_per_region, gpus_per_region, ray_address, resume, progress, model, device, dtype, as_json):
     """Tune a soft prompt black-box so the frozen model's VSM 2013 indices match a region on every wording.
 
@@ -515,7 +518,7 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
             raise click.BadParameter(str(e), param_hint="--ray-address") from None
     root = _registry_dir(adapters_dir)
     registry = _open_registry(root, check=True)  # before the model: a bad store costs nothing
-    common = dict(readout=readout, force_invalid=force_invalid, search=search, resume=resume, progress=progress,
+    common = dict(readout=readout, force_invalid=force_invalid, order_balanced=order_balanced, search=search, resume=resume, progress=progress,
                   echo=lambda m: click.echo(m, err=True),
                   **_split_args(train, heldout, validation, no_validation, wording_files))
     try:

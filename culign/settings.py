@@ -16,6 +16,15 @@ _SCHEDULERS = ("continuous", "static")
 _ENGINES = ("culign", "vllm")
 
 
+def default_engine() -> str:
+    """What CULIGN_ENGINE=auto (the default) serves with: vLLM where the culign[vllm] extra is installed, culign's own
+    engine elsewhere. Measured side by side (docs/deploy.md, *Benchmark*), vLLM in float32 decoded 1.17-1.33x the
+    tokens/s of culign's engine at the same batch invariance; culign's engine starts in seconds, not tens of them."""
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "culign"
+
+
 class SettingsError(ValueError):
     pass
 
@@ -40,7 +49,8 @@ class ServiceSettings:
     max_header_block_bytes: int = 64 * 1024  # CULIGN_MAX_HEADER_BLOCK_BYTES: all headers together; more gets 431
     log_level: str = "INFO"  # CULIGN_LOG_LEVEL
     batch_invariant: bool | None = None  # CULIGN_BATCH_INVARIANT: auto (bf16/fp16 only), 1 or 0 (see docs/deploy.md)
-    engine: str = "culign"  # CULIGN_ENGINE: culign (its own scheduler) or vllm (needs the culign[vllm] extra)
+    engine: str = "culign"  # CULIGN_ENGINE: culign (its own scheduler), vllm (the culign[vllm] extra) or auto (the
+    # default: vllm where it is installed, else culign); from_env resolves auto, so this field never holds it
     vllm_kv_gib: float = 1.0  # CULIGN_VLLM_KV_GIB: vLLM's KV cache on CPU (VLLM_CPU_KVCACHE_SPACE, if that is unset)
     vllm_eager: bool = True  # CULIGN_VLLM_EAGER: 1 (no torch.compile: loads in ~20 s) or 0 (compiled: faster, ~100 s)
     vllm_tensor_parallel: int = 1  # CULIGN_VLLM_TENSOR_PARALLEL: GPUs one vLLM engine shards the model over
@@ -81,9 +91,10 @@ class ServiceSettings:
                      "no": False}.get(invariant_raw, "bad")
         if invariant == "bad":
             raise SettingsError(f"CULIGN_BATCH_INVARIANT={invariant_raw!r}: choose auto, 1 or 0")
-        engine = (get("CULIGN_ENGINE") or d["engine"]).lower()
-        if engine not in _ENGINES:
-            raise SettingsError(f"CULIGN_ENGINE={engine!r}: choose from {', '.join(_ENGINES)}")
+        engine = (get("CULIGN_ENGINE") or "auto").lower()
+        if engine not in (*_ENGINES, "auto"):
+            raise SettingsError(f"CULIGN_ENGINE={engine!r}: choose from {', '.join(_ENGINES)} or auto")
+        engine = default_engine() if engine == "auto" else engine
         eager_raw = (get("CULIGN_VLLM_EAGER") or "1").lower()
         eager = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(eager_raw)
         if eager is None:

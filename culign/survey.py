@@ -412,7 +412,7 @@ def _twin(name: str) -> str:
     return f"{w}/{t}/{'desc' if o == 'asc' else 'asc'}"
 
 
-def order_balanced(split: Split) -> Split:
+def both_orders(split: Split) -> Split:
     """The split with every presentation in both scale orders: training sees ascending and reversed listings, so
     a prompt cannot gain by moving a digit's position. A held-out family named after an order (``order:desc``) has
     nothing left to hold out and goes; every other family gets its presentations' twins, so held-out wordings and

@@ -252,13 +252,31 @@ def test_settings_from_env(tmp_path):
                       ({"CULIGN_LOG_LEVEL": "LOUD"}, "CULIGN_LOG_LEVEL"),
                       ({"CULIGN_MAX_HEADER_BLOCK_BYTES": "4096"}, "CULIGN_MAX_HEADER_BLOCK_BYTES"),
                       ({"CULIGN_VLLM_TENSOR_PARALLEL": "0"}, "CULIGN_VLLM_TENSOR_PARALLEL"),
-                      ({"CULIGN_VLLM_TENSOR_PARALLEL": "2"}, "CULIGN_VLLM_TENSOR_PARALLEL.*CULIGN_ENGINE=vllm")]:
+                      ({"CULIGN_VLLM_TENSOR_PARALLEL": "2", "CULIGN_ENGINE": "culign"},
+                       "CULIGN_VLLM_TENSOR_PARALLEL.*CULIGN_ENGINE=vllm"),
+                      ({"CULIGN_ENGINE": "tgi"}, "CULIGN_ENGINE")]:
         with pytest.raises(SettingsError, match=name):
             ServiceSettings.from_env({"CULIGN_ADAPTERS": str(tmp_path), **env})
     assert ServiceSettings.from_env({"CULIGN_ADAPTERS": str(tmp_path), "CULIGN_ENGINE": "vllm",
                                      "CULIGN_VLLM_TENSOR_PARALLEL": "4"}).vllm_tensor_parallel == 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.max_rows = 3  # frozen
+
+
+def test_the_default_engine_is_vllm_where_installed(tmp_path, monkeypatch):
+    import importlib.util
+
+    from culign import settings as S
+
+    installed = importlib.util.find_spec("vllm") is not None
+    env = {"CULIGN_ADAPTERS": str(tmp_path)}
+    assert S.default_engine() == ("vllm" if installed else "culign")
+    assert ServiceSettings.from_env(env).engine == ServiceSettings.from_env({**env, "CULIGN_ENGINE": "auto"}).engine \
+        == S.default_engine()
+    assert ServiceSettings.from_env({**env, "CULIGN_ENGINE": "culign"}).engine == "culign"  # asked for, kept
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert ServiceSettings.from_env(env).engine == "culign"  # without the extra: culign's own
 
 
 def test_a_full_queue_is_a_429_with_retry_after(tiny_runtime, registry):

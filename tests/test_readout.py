@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from culign.scorer import SurveyScorer
-from culign.survey import ANSWERS, DEFAULT_LABEL_SPLIT, Survey, order_balanced
+from culign.survey import ANSWERS, DEFAULT_LABEL_SPLIT, Survey, both_orders
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_label_split_and_order_balanced_split_cannot_leak(survey):
     assert DEFAULT_LABEL_SPLIT.leaks() == []
     assert all(survey.readout_of(n) == "label" for n in DEFAULT_LABEL_SPLIT.all_names)
     for base in (DEFAULT_LABEL_SPLIT, survey.split()):
-        both = order_balanced(base)
+        both = both_orders(base)
         assert both.leaks() == []
         assert {n.rsplit("/", 1)[1] for n in both.train} == {"asc", "desc"}
         assert "order:desc" not in both.heldout and both.heldout

@@ -189,6 +189,45 @@ def test_training_takes_the_read_out_that_passes_and_trains_it_on_both_orders(mo
     assert seen["validity"]["label"]["verdict"] == V.PASS and seen["validity"]["digit"]["verdict"] == V.POSITION
 
 
+def test_order_balanced_is_a_choice_forced_or_refused(monkeypatch, word_runtime):
+    """--order-balanced trains both orders where the check would not (a forced, failing read-out); --no-order-balanced
+    keeps one order where it would."""
+    from click.testing import CliRunner
+
+    import culign.cli as cli
+    import culign.trainer as trainer
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_train(rt, survey, target, settings, registry, **kw):
+        seen.update(kw, split=settings.split)
+        raise Captured
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    position = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5), readout="label")
+    good = _report(lambda i, p, d: 52 + 10 * i, readout="label")
+
+    monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: position)
+    r = CliRunner().invoke(cli.main, ["train", "--region", "US", "--no-progress", "--readout", "label",
+                                      "--force-invalid", "--order-balanced"])
+    assert isinstance(r.exception, Captured), r.output
+    assert seen["forced_invalid"] and seen["order_balanced"] and seen["readout"] == "label"
+    assert seen["split"].leaks() == [] and {n.rsplit("/", 1)[1] for n in seen["split"].train} == {"asc", "desc"}
+    assert "order:desc" not in seen["split"].heldout and "asked for both orders" in r.output
+
+    seen.clear()
+    monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: good)
+    r = CliRunner().invoke(cli.main, ["train", "--region", "US", "--no-progress", "--readout", "label",
+                                      "--no-order-balanced"])
+    assert isinstance(r.exception, Captured), r.output
+    assert not seen["order_balanced"] and {n.rsplit("/", 1)[1] for n in seen["split"].train} == {"asc"}
+    assert "order:desc" in seen["split"].heldout
+
+
 def test_validity_command_prints_verdicts_and_json(monkeypatch, word_runtime):
     from click.testing import CliRunner
 
