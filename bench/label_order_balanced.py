@@ -56,7 +56,7 @@ def main() -> None:
                                   force_invalid=True, order_balanced=True, train=TRAIN, heldout=HELDOUT,
                                   validation=[], budget=args.budget, max_seconds=60 * args.minutes, seed=args.seed)
             r = result.report
-            adapter = next(row for row in r["rows"] if row["label"] == "adapter")
+            adapter = r["rows"]["adapter"]
             band = r["noise_band"]["L1"]
             gain = r["naive_heldout_loss"] - r["heldout_loss"]
             rows.append((region, r, adapter, band, gain, time.perf_counter() - t0))

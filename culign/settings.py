@@ -18,7 +18,7 @@ _ENGINES = ("culign", "vllm")
 
 def default_engine() -> str:
     """What CULIGN_ENGINE=auto (the default) serves with: vLLM where the culign[vllm] extra is installed, culign's own
-    engine elsewhere. Measured side by side (docs/deploy.md, *Benchmark*), vLLM in float32 decoded 1.17-1.33x the
+    engine elsewhere. Measured side by side (docs/deploy.md, *Benchmark*), vLLM in float32 decoded 1.16-1.33x the
     tokens/s of culign's engine at the same batch invariance; culign's engine starts in seconds, not tens of them."""
     import importlib.util
 
