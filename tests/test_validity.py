@@ -159,28 +159,35 @@ def test_training_refuses_an_invalid_model_and_force_invalid_overrides(monkeypat
     assert cache.forced_invalid("US") == [1]  # what /v1/models lists as forced_invalid_versions
 
 
-def test_training_takes_the_read_out_that_passes_and_trains_it_on_both_orders(monkeypatch, word_runtime, tmp_path):
+class _Captured(Exception):
+    pass
+
+
+def _train_cli(monkeypatch, word_runtime, seen: dict):
+    """`culign train ...` on the tiny model, stopped where the trainer would start: ``seen`` gets its keywords and
+    split; returns the CliRunner result (its exception is _Captured when the gate let the run through)."""
     from click.testing import CliRunner
 
     import culign.cli as cli
     import culign.trainer as trainer
 
-    seen = {}
-
-    class Captured(Exception):
-        pass
-
     def fake_train(rt, survey, target, settings, registry, **kw):
         seen.update(kw, split=settings.split)
-        raise Captured
+        raise _Captured
 
     monkeypatch.setattr(trainer, "train", fake_train)
     monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    return lambda *args: CliRunner().invoke(cli.main, ["train", "--region", "US", "--no-progress", *args])
+
+
+def test_training_takes_the_read_out_that_passes_and_trains_it_on_both_orders(monkeypatch, word_runtime, tmp_path):
+    seen = {}
+    train = _train_cli(monkeypatch, word_runtime, seen)
     position = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5))
     good = _report(lambda i, p, d: 52 + 10 * i, readout="label")
     monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: {"digit": position, "label": good}[readout])
-    r = CliRunner().invoke(cli.main, ["train", "--region", "US", "--no-progress"])
-    assert isinstance(r.exception, Captured), r.output
+    r = train()
+    assert isinstance(r.exception, _Captured), r.output
     assert seen["readout"] == "label" and not seen["forced_invalid"] and seen["order_balanced"]
     split = seen["split"]
     assert split.leaks() == [] and {n.rsplit("/", 1)[1] for n in split.train} == {"asc", "desc"}
@@ -192,38 +199,22 @@ def test_training_takes_the_read_out_that_passes_and_trains_it_on_both_orders(mo
 def test_order_balanced_is_a_choice_forced_or_refused(monkeypatch, word_runtime):
     """--order-balanced trains both orders where the check would not (a forced, failing read-out); --no-order-balanced
     keeps one order where it would."""
-    from click.testing import CliRunner
-
-    import culign.cli as cli
-    import culign.trainer as trainer
-
     seen = {}
-
-    class Captured(Exception):
-        pass
-
-    def fake_train(rt, survey, target, settings, registry, **kw):
-        seen.update(kw, split=settings.split)
-        raise Captured
-
-    monkeypatch.setattr(trainer, "train", fake_train)
-    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    train = _train_cli(monkeypatch, word_runtime, seen)
     position = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5), readout="label")
     good = _report(lambda i, p, d: 52 + 10 * i, readout="label")
 
     monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: position)
-    r = CliRunner().invoke(cli.main, ["train", "--region", "US", "--no-progress", "--readout", "label",
-                                      "--force-invalid", "--order-balanced"])
-    assert isinstance(r.exception, Captured), r.output
+    r = train("--readout", "label", "--force-invalid", "--order-balanced")
+    assert isinstance(r.exception, _Captured), r.output
     assert seen["forced_invalid"] and seen["order_balanced"] and seen["readout"] == "label"
     assert seen["split"].leaks() == [] and {n.rsplit("/", 1)[1] for n in seen["split"].train} == {"asc", "desc"}
     assert "order:desc" not in seen["split"].heldout and "asked for both orders" in r.output
 
     seen.clear()
     monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: good)
-    r = CliRunner().invoke(cli.main, ["train", "--region", "US", "--no-progress", "--readout", "label",
-                                      "--no-order-balanced"])
-    assert isinstance(r.exception, Captured), r.output
+    r = train("--readout", "label", "--no-order-balanced")
+    assert isinstance(r.exception, _Captured), r.output
     assert not seen["order_balanced"] and {n.rsplit("/", 1)[1] for n in seen["split"].train} == {"asc"}
     assert "order:desc" in seen["split"].heldout
 
