@@ -482,8 +482,8 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
     Before anything is trained, the model's validity check (`culign validity`) runs for the read-out (or for both,
     without --readout; from the cache when there). Training uses the read-out that passes; where that read-out
     follows meaning (order slope >= 0.5) and the split is the default one, it trains on both scale orders
-    (held-out families stay disjoint). When none passes, the run stops with the numbers and exit 2, unless
-    --force-invalid.
+    (held-out families stay disjoint; --order-balanced / --no-order-balanced decide it yourself). When none
+    passes, the run stops with the numbers and exit 2, unless --force-invalid.
 
     With --regions, every region is trained as its own Ray task (the same training, one region per task, on a
     local Ray started on demand or the cluster at --ray-address): one live line per region, then a table.
