@@ -263,7 +263,7 @@ def _gate(rt: Runtime, survey: Survey, readout: str | None, force_invalid: bool,
              "is marked as trained on an invalid model")
     sp = _chosen_split(survey, chosen, presentations, split, train, heldout, validation)
     default = split is None and not (presentations or train or heldout or validation is not None)
-    balanced = reports[chosen].follows_meaning and default if order_balanced is None else bool(order_balanced)
+    balanced = (reports[chosen].follows_meaning and default) if order_balanced is None else bool(order_balanced)
     if balanced:
         sp = both_orders(sp)  # drops from every family what training now sees: nothing held out is trained on
         why = "follows meaning" if order_balanced is None else "was asked for both orders"

@@ -460,8 +460,9 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subset, rotate_every, tokens, dim, bound, scale, popsize,
               budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, readout,
-              force_invalid, order_balanced, train, heldout, validation, no_validation, wording_files, adapters_dir, checkpoint_dir,
-              regions, cpus_per_region, gpus_per_region, ray_address, resume, progress, model, device, dtype, as_json):
+              force_invalid, order_balanced, train, heldout, validation, no_validation, wording_files, adapters_dir,
+              checkpoint_dir, regions, cpus_per_region, gpus_per_region, ray_address, resume, progress, model, device,
+              dtype, as_json):
     """Tune a soft prompt black-box so the frozen model's VSM 2013 indices match a region on every wording.
 
     Scores the naive model and the persona baseline on every presentation of the split, searches on the training
@@ -518,8 +519,8 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
             raise click.BadParameter(str(e), param_hint="--ray-address") from None
     root = _registry_dir(adapters_dir)
     registry = _open_registry(root, check=True)  # before the model: a bad store costs nothing
-    common = dict(readout=readout, force_invalid=force_invalid, order_balanced=order_balanced, search=search, resume=resume, progress=progress,
-                  echo=lambda m: click.echo(m, err=True),
+    common = dict(readout=readout, force_invalid=force_invalid, order_balanced=order_balanced, search=search,
+                  resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True),
                   **_split_args(train, heldout, validation, no_validation, wording_files))
     try:
         if targets:  # the fan-out: every region as its own task, gated once here (the check is per model)
