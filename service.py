@@ -2,11 +2,11 @@
 
     bentoml serve service:Culign            # then: curl -H 'X-Culign-Region: US' localhost:3000/chat -d '{...}'
 
-HTTP in, engine call, HTTP out. The logic lives in culign/: the chat engine (serving.py), the inference engine behind
-its seam (engine.py: culign's scheduler.py, or vllm_engine.py with CULIGN_ENGINE=vllm), the adapter cache
-(adapter_cache.py), API keys (auth.py); the settings are read once from the environment (settings.py, listed in
-docs/deploy.md). What is HTTP stays here: size limits, content types, error shapes, the Authorization header,
-client disconnects, /metrics.
+HTTP in, chat service call, HTTP out. The logic lives in culign/serving/: the chat service (chat.py), the region
+router (router.py) over the adapter cache, the inference engine behind its seam (engines/: culign's scheduler, or
+vLLM with CULIGN_ENGINE=vllm), API keys (auth.py); the settings are read once from the environment (settings.py,
+listed in docs/deploy.md). What is HTTP stays here: size limits, content types, error shapes, the Authorization
+header, client disconnects, /metrics.
 """
 from __future__ import annotations
 
@@ -24,12 +24,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from culign import http_limits
-from culign.auth import ApiKeys, AuthError, Grant
+from culign.model.hardware import cpu_capability
 from culign.registry import open_registry
-from culign.runtime import cpu_capability
-from culign.serving import REGION_HEADER, VERSION_HEADER, ChatCompletionRequest, ChatEngine, ChatRequest, Reply, \
-    load_engine
-from culign.settings import ServiceSettings
+from culign.serving import (REGION_HEADER, VERSION_HEADER, ChatCompletionRequest, ChatRequest, ChatService, Reply,
+                            ServiceSettings, build_engine, load_runtime)
+from culign.serving.auth import ApiKeys, AuthError, Grant
 
 log = logging.getLogger("culign.service")
 API_PATHS = ("/chat", "/v1/chat/completions")
@@ -251,7 +250,7 @@ def to_response(reply: Reply, ctx: bentoml.Context | None = None) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    return to_response(await bentoml.get_current_service().engine.models(grant_of(request)))
+    return to_response(await bentoml.get_current_service().chat_service.models(grant_of(request)))
 
 
 # GET routes are not @bentoml.api material: a small Starlette app, mounted at /v1, serves them.
@@ -261,8 +260,8 @@ openai_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 class Metrics:
     """culign's lines on BentoML's /metrics: queue depth, rows in flight, tokens/s, requests per region."""
 
-    def __init__(self, engine: ChatEngine):
-        self.engine = engine
+    def __init__(self, chat_service: ChatService):
+        self.chat_service = chat_service
         self.queued = bentoml.metrics.Gauge(name="culign_queue_depth", documentation="requests waiting for a row")
         self.rows = bentoml.metrics.Gauge(name="culign_rows_in_flight", documentation="rows being decoded")
         self.rate = bentoml.metrics.Gauge(name="culign_tokens_per_second",
@@ -287,14 +286,14 @@ class Metrics:
             self.refresh()
 
     def refresh(self) -> None:
-        worker = self.engine.worker
-        self.queued.set(worker.queued)
-        self.rows.set(worker.stats.rows_in_flight)
-        self.rate.set(worker.stats.tokens_per_s())
-        self.rejected.set(worker.stats.rejected)
-        self.cancelled.set(worker.stats.cancelled_rows)
-        self.store_down.set(int(self.engine.adapters.store_unreachable))
-        self.store_failures.set(self.engine.adapters.store_failures)
+        engine, adapters = self.chat_service.engine, self.chat_service.adapters
+        self.queued.set(engine.queued)
+        self.rows.set(engine.stats.rows_in_flight)
+        self.rate.set(engine.stats.tokens_per_s())
+        self.rejected.set(engine.stats.rejected)
+        self.cancelled.set(engine.stats.cancelled_rows)
+        self.store_down.set(int(adapters.store_unreachable))
+        self.store_failures.set(adapters.store_failures)
 
     def count(self, reply: Reply) -> None:
         served = reply.headers.get(VERSION_HEADER, "none")
@@ -310,7 +309,8 @@ class Metrics:
 class Culign:
     def __init__(self) -> None:
         logging.getLogger("culign").setLevel(SETTINGS.log_level)  # BentoML's root logger says WARNING
-        runtime, engine = load_engine(SETTINGS)
+        runtime = load_runtime(SETTINGS)
+        engine = build_engine(SETTINGS, runtime)
         log.info("serving %s (%s) on the %s engine in %s (%s) with adapters from %s", runtime.name,
                  runtime.fingerprint, SETTINGS.engine,
                  str(getattr(engine, "dtype", runtime.dtype)).replace("torch.", ""), cpu_capability(),
@@ -321,13 +321,13 @@ class Culign:
         else:
             log.info("API keys: on, %d keys from %s; every endpoint but %s needs Authorization: Bearer <key>",
                      len(API_KEYS), API_KEYS.source, ", ".join(OPEN_PATHS))
-        self.engine = ChatEngine(runtime, open_registry(SETTINGS.adapters), SETTINGS, worker=engine)
-        self.engine.adapters.warm()
-        self.metrics = Metrics(self.engine)
+        self.chat_service = ChatService(runtime, open_registry(SETTINGS.adapters), SETTINGS, engine=engine)
+        self.chat_service.adapters.warm()
+        self.metrics = Metrics(self.chat_service)
         self._end_rows_on_signals()
 
     def _end_rows_on_signals(self) -> None:
-        """On SIGTERM/SIGINT, close the scheduler (running rows get CULIGN_SHUTDOWN_GRACE_S, then end), then let
+        """On SIGTERM/SIGINT, close the engine (running rows get CULIGN_SHUTDOWN_GRACE_S, then end), then let
         the HTTP server's own handler run. Without this the server waits for every stream to decode to its end
         before it exits (measured: still serving 40 s after SIGTERM)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -335,7 +335,7 @@ class Culign:
                 previous = signal.getsignal(sig)
 
                 def handler(signum, frame, previous=previous):
-                    threading.Thread(target=self.engine.close, name="culign-shutdown", daemon=True).start()
+                    threading.Thread(target=self.chat_service.close, name="culign-shutdown", daemon=True).start()
                     if callable(previous):
                         previous(signum, frame)
 
@@ -346,7 +346,7 @@ class Culign:
     @bentoml.api(route="/chat")
     async def chat(self, body: ChatRequest, /, ctx: bentoml.Context) -> dict:
         """Chat with the model under the region named by the X-Culign-Region header (none: the base model)."""
-        reply = await self.engine.chat(body, ctx.request.headers.getlist(REGION_HEADER),
+        reply = await self.chat_service.chat(body, ctx.request.headers.getlist(REGION_HEADER),
                                        ctx.request.is_disconnected, grant_of(ctx.request))
         self.metrics.count(reply)
         return to_response(reply, ctx)
@@ -354,21 +354,21 @@ class Culign:
     @bentoml.api(route="/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, /, ctx: bentoml.Context) -> dict:
         """OpenAI-compatible chat; the region comes from X-Culign-Region or the `model` field."""
-        reply = await self.engine.chat_completions(body, ctx.request.headers.getlist(REGION_HEADER),
+        reply = await self.chat_service.chat_completions(body, ctx.request.headers.getlist(REGION_HEADER),
                                                    ctx.request.is_disconnected, grant_of(ctx.request))
         self.metrics.count(reply)
         return to_response(reply, ctx)
 
     def __is_ready__(self) -> bool:
-        return self.engine.worker.alive()
+        return self.chat_service.engine.alive()
 
     def __is_alive__(self) -> bool:
-        return self.engine.worker.alive()
+        return self.chat_service.engine.alive()
 
     @bentoml.on_shutdown
     def close(self) -> None:
         self.metrics.close()
-        self.engine.close()
+        self.chat_service.close()
 
 
 # Starlette runs the first added outermost: size caps and error shapes first, then the key check

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import culign  # noqa: E402
-from culign.runtime import cpu_capability  # noqa: E402
+from culign.model import cpu_capability  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

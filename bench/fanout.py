@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from culign.fanout import RegionJob, fan_out, run_sequential  # noqa: E402
 from culign.optimize import SearchConfig  # noqa: E402
-from culign.runtime import cpu_capability  # noqa: E402
+from culign.model import cpu_capability  # noqa: E402
 from culign.targets import TABLE, resolve  # noqa: E402
 from culign.trainer import TrainSettings  # noqa: E402
 from culign.survey import Split  # noqa: E402
@@ -51,8 +51,7 @@ def weights(results) -> list[bytes]:
 
 
 def registry_times(repeats: int, tmp: Path) -> dict[str, tuple[float, float]]:
-    from culign.object_registry import ObjectRegistry
-    from culign.registry import Registry
+    from culign.registry import open_registry, parse_location
     from reliability.backends import seaweedfs
 
     prompt = torch.randn(8, 576)  # the embedded model's adapter: 8 virtual tokens of width 576
@@ -60,15 +59,15 @@ def registry_times(repeats: int, tmp: Path) -> dict[str, tuple[float, float]]:
     with seaweedfs(tmp / "weed") as store:
         store.make_bucket("bench")
         os.environ.update(store.env)
-        for name, reg in [("local folder", Registry(tmp / "local")),
-                          ("S3 (SeaweedFS, 127.0.0.1)", ObjectRegistry("s3://bench/reg", cache_dir=tmp / "cache"))]:
+        for name, reg in [("local folder", open_registry(tmp / "local")),
+                          ("S3 (SeaweedFS, 127.0.0.1)", open_registry("s3://bench/reg", cache_dir=tmp / "cache"))]:
             t = time.perf_counter()
             for _ in range(repeats):
                 reg.save("US", prompt, base_model="m", base_fingerprint="f", provenance={})
             save = (time.perf_counter() - t) / repeats
             t = time.perf_counter()
             for v in range(1, repeats + 1):
-                if isinstance(reg, ObjectRegistry):
+                if parse_location(reg.root).remote:
                     reg.cache = tmp / f"cold-{v}"  # a cold cache each time: the download is measured
                 reg.load("US", v)
             load = (time.perf_counter() - t) / repeats

@@ -32,7 +32,7 @@ from culign.evaluation import (Evaluation, Evaluator, PresentationScore, Respond
                                presentation_scores)
 from culign.optimize import PromptSpace, SearchConfig, initial_prompt
 from culign.registry import Registry, RegistryError
-from culign.runtime import Runtime, cpu_capability
+from culign.model import Runtime, cpu_capability
 from culign.survey import DEFAULT_SPLIT, Survey, persona_line
 from culign.targets import resolve
 

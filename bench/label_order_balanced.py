@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import culign  # noqa: E402
-from culign.runtime import cpu_capability  # noqa: E402
+from culign.model import cpu_capability  # noqa: E402
 
 TRAIN = ["vsm/label_chat/asc", "plain/label_inline/asc", "terse/label_form/asc"]
 HELDOUT = ["formal/label_chat/asc", "vsm/label_interview/asc"]

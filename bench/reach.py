@@ -14,7 +14,7 @@ import time
 
 from culign.evaluation import MassGuard, Robust, presentation_scores
 from culign.optimize import PromptSpace, RobustObjective, SearchConfig, initial_prompt, run_search
-from culign.runtime import Runtime, cpu_capability
+from culign.model import Runtime, cpu_capability
 from culign.scorer import SurveyScorer
 from culign.survey import DIMENSIONS, Survey, persona_line
 

@@ -24,7 +24,7 @@ import time
 import torch
 
 from culign.evaluation import presentation_scores
-from culign.runtime import GenerationRequest, Runtime, cpu_bf16_native, cpu_capability
+from culign.model import GenerationRequest, Runtime, cpu_bf16_native, cpu_capability, decoding
 from culign.scorer import SurveyScorer
 from culign.survey import DEFAULT_SPLIT, DIMENSIONS, Survey
 
@@ -82,7 +82,7 @@ def measure(dtype: str, variant: str, args, survey: Survey) -> dict:
             answers = []
             for p in prompts[: args.naive_candidates]:
                 for it in survey.items:
-                    ids = rt.generate([GenerationRequest(rt.chat_ids(pres.messages(it.id)), p, max_new_tokens=8)])[0]
+                    ids = decoding.generate(rt, [GenerationRequest(rt.chat_ids(pres.messages(it.id)), p, max_new_tokens=8)])[0]
                     m = re.search(r"[1-5]", rt.tokenizer.decode(ids, skip_special_tokens=True))
                     answers.append(int(m.group()) if m else None)
             return answers

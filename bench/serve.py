@@ -1,6 +1,6 @@
 """Serving benchmark under realistic load: continuous batching vs static micro-batching vs one adapter at a time.
 
-Drives the service's own engine in-process (culign.serving.ChatEngine: validation, adapter cache, scheduler,
+Drives the service's own engine in-process (culign.serving.ChatService: validation, adapter cache, scheduler,
 detokenizing), with no HTTP in the way. Requests ask for 8..256 new tokens (uniform, fixed seed) and spread over
 4 regions plus the base model. Workloads:
 
@@ -9,10 +9,10 @@ detokenizing), with no HTTP in the way. Requests ask for 8..256 new tokens (unif
 
 Engines (--engine culign,vllm) and, for culign's, schedulers (--schedulers):
 
-  continuous   culign's engine as shipped (culign.scheduler.Scheduler): rows join at the next step, leave at once
+  continuous   culign's engine as shipped (culign.serving.engines.scheduler.Scheduler): rows join at the next step, leave at once
   static       the previous design (StaticBatcher): gather for 5 ms, decode that batch to its end
   one-adapter  the peer: static batches that only ever hold one soft prompt (as PEFT serves a PromptTuning model)
-  vllm-CFG     vLLM behind the same seam (culign.vllm_engine), one engine per --vllm-configs entry: fp32-eager,
+  vllm-CFG     vLLM behind the same seam (culign.serving.engines.vllm), one engine per --vllm-configs entry: fp32-eager,
                bf16-eager, bf16-compiled (torch.compile; loads in ~100 s); soft prompts as prompt_embeds
 
 Printed per (workload, engine): tokens/s, time to first token p50/p99, inter-token latency p50/p99, mean rows
@@ -45,11 +45,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from culign.model import GenerationRequest, Runtime, cpu_bf16_native, cpu_capability  # noqa: E402
 from culign.registry import Registry  # noqa: E402
-from culign.runtime import GenerationRequest, Runtime, cpu_capability, cpu_bf16_native  # noqa: E402
-from culign.scheduler import COMPUTE_THREADS, Job, Scheduler, StaticBatcher  # noqa: E402
-from culign.serving import ChatEngine, ChatRequest, load_runtime  # noqa: E402
-from culign.settings import ServiceSettings  # noqa: E402
+from culign.serving import ChatRequest, ChatService, ServiceSettings  # noqa: E402
+from culign.serving.engines import Job  # noqa: E402
+from culign.serving.engines.scheduler import COMPUTE_THREADS, Scheduler, StaticBatcher  # noqa: E402
+
+
+def load_runtime(**kwargs) -> Runtime:
+    """The model as the service loads it: on one thread (culign.serving.engines.load_runtime says why)."""
+    torch.set_num_threads(1)
+    return Runtime.load(**kwargs)
 
 REGIONS = ["US", "CN", "IN", "SA"]
 QUESTIONS = [
@@ -113,8 +119,8 @@ def rss_mb() -> float:
 
 def start_vllm(rt32: Runtime, config: str, max_rows: int, loop: Loop):
     """A vLLM engine for ``config`` (created on ``loop``) and its start time in seconds."""
-    from culign.runtime import model_source
-    from culign.vllm_engine import VllmEngine
+    from culign.model import model_source
+    from culign.serving.engines.vllm import VllmEngine
 
     dtype, eager = VLLM_CONFIGS[config]
 
@@ -141,11 +147,11 @@ def workload(n: int, seed: int, lo: int, hi: int) -> list[tuple[str | None, str,
     return [(rnd.choice([*REGIONS, None]), rnd.choice(QUESTIONS), rnd.randint(lo, hi)) for _ in range(n)]
 
 
-async def one_request(engine: ChatEngine, region, question, max_tokens, out: list[dict]) -> None:
+async def one_request(engine: ChatService, region, question, max_tokens, out: list[dict]) -> None:
     body = ChatRequest(messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0.0)
     t0 = time.perf_counter()
     prepared = await engine.prepare(body, [region] if region else [])
-    job = engine.worker.submit(prepared.request, prepared.served_by, prepared.region)
+    job = engine.engine.submit(prepared.request, prepared.served_by, prepared.region)
     stamps = []
     async for _ in job.tokens():
         stamps.append(time.perf_counter())
@@ -153,7 +159,7 @@ async def one_request(engine: ChatEngine, region, question, max_tokens, out: lis
                 "tokens": len(stamps)})
 
 
-async def drive(engine: ChatEngine, requests, rate: float | None, clients: int, seed: int) -> list[dict]:
+async def drive(engine: ChatService, requests, rate: float | None, clients: int, seed: int) -> list[dict]:
     out: list[dict] = []
     if rate is None:  # closed loop
         queue = list(requests)
@@ -183,7 +189,7 @@ def measure(rt: Runtime, registry: Registry, name: str, requests, rate, clients,
     whose coroutines go through ``run``: its loop), left running."""
     own = worker is None
     worker = worker or WORKERS[name](rt, max_rows=max_rows, max_queue=1024)
-    engine = ChatEngine(rt, registry, ServiceSettings(adapters=registry.root, max_tokens=512), worker=worker)
+    engine = ChatService(rt, registry, ServiceSettings(adapters=registry.root, max_tokens=512), engine=worker)
     engine.adapters.warm()
     run(drive(engine, requests[:2], None, 2, seed))  # warm-up, out of the timing
     steps0, rows0 = worker.stats.steps, worker.stats.step_rows

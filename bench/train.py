@@ -22,7 +22,7 @@ import time
 
 from culign.evaluation import Evaluator, MassGuard, Respondent, Robust
 from culign.optimize import PromptSpace, RobustObjective, SearchConfig, initial_prompt, run_search
-from culign.runtime import Runtime, cpu_capability
+from culign.model import Runtime, cpu_capability
 from culign.survey import DEFAULT_SPLIT, Split, Survey, persona_line
 from culign.targets import resolve
 

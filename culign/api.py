@@ -14,25 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from . import defaults, trainer
+from .defaults import DEFAULT_REGISTRY  # noqa: F401  (public: where train saves by default)
 from .evaluation import Comparison, Evaluation, Evaluator, Respondent
 from .fanout import FanoutError, RegionJob, RegionResult, fan_out
+from .model import ModelLoadError, Runtime
 from .optimize import SearchConfig
-from .registry import (AdapterCorrupt, AdapterIncompatible, AdapterInfo, AdapterNotFound, LoadedAdapter, Registry,
-                       RegistryError, RegistryUnavailable, open_registry)
-from .runtime import ModelLoadError, Runtime
+from .progress import bar as _bar
+from .registry import (AdapterCorrupt, AdapterIncompatible, AdapterInfo, AdapterNotFound, AdapterRegistry,
+                       LoadedAdapter, RegistryError, RegistryUnavailable, open_registry)
 from .survey import Split, Survey, SurveyDataError
 from .targets import Target, UnknownRegionError, parse_custom, resolve
-from . import trainer
 from .trainer import TrainSettings
 from .validity import InvalidModelError, ValidityReport
 
-DEFAULT_REGISTRY = Path("runs") / "adapters"  # where `culign train` saves by default
-
 
 def load_model(model: str | None = None, *, device: str | None = None, dtype: str | None = None) -> Runtime:
-    """A model for scoring: the embedded SmolLM2-135M-Instruct (None), an HF hub id from the local cache, or a local
-    folder; float32 unless ``dtype`` says otherwise. Raises ModelLoadError."""
-    return Runtime.load(model, device=device, dtype=dtype, scoring=True)
+    """A model for scoring: an HF hub id from the local cache or a local folder; None: $CULIGN_MODEL where set, else
+    the embedded SmolLM2-135M-Instruct (the CLI's ``--model`` default, resolved by :func:`culign.defaults.resolve`);
+    float32 unless ``dtype`` (else $CULIGN_DTYPE) says otherwise. Raises ModelLoadError."""
+    d = defaults.resolve(model=model, device=device, dtype=dtype)
+    return Runtime.load(d.model, device=d.device, dtype=d.dtype, scoring=True)
 
 
 def region(name: str, *, saudi_variant: str | None = None) -> Target:
@@ -54,8 +56,11 @@ def _model(model: str | Runtime | None) -> Runtime:
 
 
 def _registry(registry):
-    """A registry object as given, else the one at that folder or URL (default runs/adapters)."""
-    return registry if hasattr(registry, "scan") else open_registry(registry or DEFAULT_REGISTRY)
+    """A registry object as given, else the one at that folder or URL (default: $CULIGN_ADAPTERS, else
+    runs/adapters)."""
+    if isinstance(registry, AdapterRegistry):
+        return registry
+    return open_registry(defaults.resolve(registry=registry).registry)
 
 
 def make_split(readout: str | None = None, *, presentations: Sequence[str] = (), train: Sequence[str] = (),
@@ -182,21 +187,15 @@ def evaluate(target: str | Target, *, model: str | Runtime | None = None, adapte
     return EvalResult(Comparison(tgt, sp, rows), rt.name, str(rt.dtype).replace("torch.", ""), readout, checks)
 
 
-def _bar(total: int, desc: str, unit: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, leave=True)
-
-
 def load_adapter(ref: str | Path, model: Runtime, registry=None) -> LoadedAdapter:
-    """``"US"``, ``"US@2"`` in ``registry`` (default runs/adapters), or an adapter folder; checked against the
+    """``"US"``, ``"US@2"`` in ``registry`` (default: $CULIGN_ADAPTERS, else runs/adapters), or an adapter folder; checked against the
     model (width and fingerprint). Raises AdapterNotFound / AdapterCorrupt / AdapterIncompatible, and ValueError
     for a malformed reference."""
     from .regions import parse_region
 
     path = Path(ref)
     if path.is_dir():
-        reg, name, version = Registry(path.parent.parent), path.parent.name, int(path.name)
+        reg, name, version = open_registry(path.parent.parent), path.parent.name, int(path.name)
     else:
         spec = parse_region(str(ref), "adapter")
         reg, name, version = _registry(registry), spec.name, spec.version
@@ -289,7 +288,7 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
           progress: bool = False, echo=None, readout: str | None = None, force_invalid: bool = False,
           order_balanced: bool | None = None, search: SearchConfig | None = None, **search_fields) -> TrainResult:
     """Train one region's soft prompt (`culign train --region`) and publish it to ``registry`` (a folder, an
-    ``s3://`` URL or a registry object; default runs/adapters). The search: ``search=SearchConfig(...)`` or its
+    ``s3://`` URL or a registry object; default: $CULIGN_ADAPTERS, else runs/adapters). The search: ``search=SearchConfig(...)`` or its
     fields as keywords (budget, popsize, tokens, dim, seed, optimizer, max_seconds, ...). The split: as in
     :func:`evaluate`.
 
@@ -333,17 +332,18 @@ def train_regions(targets: Sequence[str | Target], *, model: str | None = None, 
     tgts = [_target(t) for t in targets]
     cfg = _search(search, search_fields)
     check_address(ray_address)  # before the model and the check: a bad address costs nothing
+    where = defaults.resolve(model=model, registry=registry, device=device, dtype=dtype)
     survey = Survey.load(wording_files=wording_files)
-    rt = Runtime.load(model, device=device, dtype=dtype, scoring=True)
+    rt = Runtime.load(where.model, device=where.device, dtype=where.dtype, scoring=True)
     sp, gate = _gate(rt, survey, readout, force_invalid, progress, echo, presentations, split, train, heldout,
                      validation, order_balanced)
     del rt  # the tasks load their own
     settings = TrainSettings(search=cfg, split=sp)
     echo(f"training {len(tgts)} regions on Ray ({cpus_per_region:g} CPU, {gpus_per_region:g} GPU each): "
          + ", ".join(t.key for t in tgts))
-    where = lambda p: p if "://" in str(p) else str(Path(p).resolve())  # noqa: E731  workers have other cwds
-    jobs = [RegionJob(t, settings, where(registry or DEFAULT_REGISTRY), model, device, dtype,
-                      tuple(map(where, wording_files)), None if checkpoint_dir is None else where(checkpoint_dir),
+    absolute = lambda p: p if "://" in str(p) else str(Path(p).resolve())  # noqa: E731  workers have other cwds
+    jobs = [RegionJob(t, settings, absolute(where.registry), where.model, where.device, where.dtype,
+                      tuple(map(absolute, wording_files)), None if checkpoint_dir is None else absolute(checkpoint_dir),
                       resume, max(1, int(cpus_per_region)), gate) for t in tgts]
     return fan_out(jobs, ray_address=ray_address, cpus_per_region=cpus_per_region, gpus_per_region=gpus_per_region,
                    on_update=on_update)

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .runtime import Runtime
+from .model.runtime import Runtime
 from .scorer import Answers, SurveyScorer
 from .survey import DEFAULT_CONSTANT, DIMENSIONS, LEGACY_NAMES, Split, Survey, l1_loss, persona_line
 from .targets import Target

@@ -120,9 +120,9 @@ def run_region(job: RegionJob, report: Callable[[dict], None] | None = None, att
     A second attempt always resumes from the region's checkpoint."""
     import torch
 
-    from .object_registry import is_url
-    from .registry import open_registry
-    from .runtime import Runtime, cache_root
+    from . import defaults
+    from .model import Runtime
+    from .registry import open_registry, parse_location
     from .survey import Survey
     from .trainer import train
 
@@ -130,9 +130,13 @@ def run_region(job: RegionJob, report: Callable[[dict], None] | None = None, att
     region = job.target.key
     torch.set_num_threads(job.threads)
     sync = None
-    checkpoint_dir = Path(job.checkpoint_dir) if job.checkpoint_dir and not is_url(job.checkpoint_dir) else None
-    if job.checkpoint_dir and is_url(job.checkpoint_dir):
-        checkpoint_dir = cache_root() / "runs-synced" / f"{region}-{os.getpid()}"
+    # the driver resolved them already; the worker resolves again with the driver's CULIGN_* environment (copied to
+    # every task) so that a RegionJob built by hand runs with the same defaults as the CLI
+    where = defaults.resolve(model=job.model, device=job.device, dtype=job.dtype)
+    remote = bool(job.checkpoint_dir) and parse_location(job.checkpoint_dir).remote
+    checkpoint_dir = Path(job.checkpoint_dir) if job.checkpoint_dir and not remote else None
+    if remote:
+        checkpoint_dir = where.cache / "runs-synced" / f"{region}-{os.getpid()}"
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         sync = _CheckpointSync(job.checkpoint_dir, region, checkpoint_dir)
         sync.download()
@@ -152,7 +156,7 @@ def run_region(job: RegionJob, report: Callable[[dict], None] | None = None, att
             report({"state": "running", "generation": p.generation, "generations": generations,
                     "best_loss": p.best_loss, "eta_s": per * max(generations - p.generation, 0)})
 
-    rt = Runtime.load(job.model, device=job.device, dtype=job.dtype, scoring=True)
+    rt = Runtime.load(where.model, device=where.device, dtype=where.dtype, scoring=True)
     survey = Survey.load(wording_files=list(job.wording_files))
     outcome = train(rt, survey, job.target, job.settings, open_registry(job.adapters), checkpoint_dir=checkpoint_dir,
                     resume=resume, progress=False, echo=lambda _m: None, on_generation=on_generation, **job.gate)

@@ -1,6 +1,6 @@
 """Survey scoring on a model: many candidate soft prompts x 24 items x presentations, in batched forward passes.
 
-Glue between the instrument (``survey``) and the model (``runtime``): tokenises every item of every presentation
+Glue between the instrument (``survey``) and the model (``culign.model``): tokenises every item of every presentation
 once, splits off the token prefix all items share (system turn and chat header: run once per candidate, its KV
 cache reused by the 24 items) and the prefix each stem/scale group shares, and turns option-token probabilities
 into expected answers per item. What those answers mean (indices, losses) is ``evaluation``'s business.
@@ -16,7 +16,11 @@ from typing import Sequence
 
 import torch
 
-from .runtime import DEFAULT_BLOCK, Runtime, cache_root, cpu_capability
+from . import defaults
+from .model import scoring
+from .model.hardware import cpu_capability
+from .model.runtime import Runtime
+from .model.scoring import DEFAULT_BLOCK
 from .survey import ANSWERS, Presentation, Survey
 
 
@@ -78,11 +82,12 @@ class SurveyScorer:
     def __init__(self, runtime: Runtime, survey: Survey, presentations: Sequence[str | Presentation],
                  persona: str | None = None, block: int | None = None, answer_cache: Path | None = None):
         self.runtime, self.survey, self.persona = runtime, survey, persona
-        if answer_cache is None and os.environ.get("CULIGN_ANSWER_CACHE", "1") not in ("0", "false", "no", ""):
-            answer_cache = cache_root() / "answers"
+        settings = defaults.resolve()
+        if answer_cache is None and settings.answer_cache:
+            answer_cache = settings.cache / "answers"
         self.answer_cache = answer_cache
         # candidates per forward: 8 was the fastest on SmolLM2 / 2 cores; a last, shorter block runs as it is
-        self.block = block or int(os.environ.get("CULIGN_SCORE_BLOCK", DEFAULT_BLOCK))
+        self.block = block or settings.score_block or DEFAULT_BLOCK
         self.option_ids = runtime.option_token_ids([str(d) for d in ANSWERS])
         self._symbol_ids: dict[tuple[str, ...], list[int]] = {}
         self.prepared: dict[str, PreparedPresentation] = {}
@@ -145,12 +150,12 @@ class SurveyScorer:
                 out[name] = cached
                 continue
             if p.readout == "label":
-                parts = self.runtime.continuation_logprobs(
-                    p.shared, [(g.prefix, g.suffixes, g.continuations) for g in p.groups], soft_prompts,
-                    block=self.block)
+                parts = scoring.continuation_logprobs(
+                    self.runtime, p.shared, [(g.prefix, g.suffixes, g.continuations) for g in p.groups],
+                    soft_prompts, block=self.block)
             else:
-                parts = self.runtime.option_logprobs(p.shared, [(g.prefix, g.suffixes) for g in p.groups],
-                                                     soft_prompts, p.option_ids, block=self.block)
+                parts = scoring.option_logprobs(self.runtime, p.shared, [(g.prefix, g.suffixes) for g in p.groups],
+                                                soft_prompts, p.option_ids, block=self.block)
             logp = torch.empty(parts[0].shape[0], len(self.survey.items), len(ANSWERS))
             for g, part in zip(p.groups, parts):
                 logp[:, g.positions] = part.cpu()

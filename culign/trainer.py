@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
+from .defaults import cache_root
 from .evaluation import Comparison, Evaluation, Evaluator, MassGuard, Respondent, Robust
+from .model.hardware import cpu_capability
+from .model.runtime import Runtime
 from .optimize import PromptSpace, RobustObjective, SearchConfig, SearchResult, initial_prompt, run_search
+from .progress import bar as progress_bar
 from .registry import AdapterInfo, Registry
 from .report import format_table, format_validity, report_files, row_summary
-from .runtime import Runtime, cache_root, cpu_capability
 from .survey import DEFAULT_CONSTANT, DEFAULT_SPLIT, DIMENSIONS, Split, Survey, persona_line
 from .targets import Target
 
@@ -51,10 +53,6 @@ def _short(indices: dict[str, float]) -> str:
     return " ".join(f"{d}={indices[d]:.0f}" for d in DIMENSIONS)
 
 
-def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, leave=True)
-
-
 def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, registry: Registry, *,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
           echo: Callable[[str], None] = print, on_generation: Callable | None = None, readout: str | None = None,
@@ -78,7 +76,7 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     names = split.all_names
 
     # 1. baselines on every presentation of the split (train, validation, held-out)
-    bar = _bar(2 * len(names), "baselines (naive, persona)", "presentation", progress)
+    bar = progress_bar(2 * len(names), "baselines (naive, persona)", "presentation", progress)
     naive = evaluator.evaluate(Respondent.naive(), on_presentation=lambda _: bar.update())
     icl = evaluator.evaluate(Respondent.with_persona(target.display_name), on_presentation=lambda _: bar.update())
     bar.close()
@@ -101,7 +99,7 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         checkpoint.unlink()  # a fresh run starts fresh; --resume continues it
     # with --max-minutes the budget's ETA may never be reached: the bar says when the search will stop instead
     limit = f" (stops by {cfg.max_seconds / 60:g} min)" if cfg.max_seconds else ""
-    bar = _bar(cfg.budget, f"{cfg.optimizer.value} {target.key}{limit}", "cand", progress)
+    bar = progress_bar(cfg.budget, f"{cfg.optimizer.value} {target.key}{limit}", "cand", progress)
 
     def generation_done(p):
         bar.set_postfix_str(f"gen {p.generation} best {p.best_loss:.2f} mass {p.best_mass:.2f} "
@@ -119,7 +117,7 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         echo("interrupted: saving the best prompt so far with its training scores (held-out not scored)")
         adapter = Evaluation("adapter", target, split, objective.scores(result.z[None], split.train)[0])
     else:
-        bar = _bar(len(names), "scoring the result", "presentation", progress)
+        bar = progress_bar(len(names), "scoring the result", "presentation", progress)
         adapter = evaluator.evaluate(Respondent("adapter", result.prompt), on_presentation=lambda _: bar.update())
         bar.close()
     comparison = Comparison(target, split, [naive, icl, adapter])

@@ -38,7 +38,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import __version__
-from .runtime import Runtime, cache_root, cpu_capability
+from .defaults import cache_root
+from .model.hardware import cpu_capability
+from .model.runtime import Runtime
 from .scorer import SurveyScorer
 from .survey import DIMENSIONS, READOUTS, Survey
 from .targets import resolve

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 def _cpu() -> str:
     try:
-        from culign.runtime import cpu_capability
+        from culign.model import cpu_capability
 
         return str(cpu_capability())
     except Exception as e:  # noqa: BLE001 - the table must print whatever happened

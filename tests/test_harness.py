@@ -14,7 +14,7 @@ pytest.importorskip("lm_eval")
 
 from culign.harness import TASK_DIR  # noqa: E402
 from culign.registry import Registry  # noqa: E402
-from culign.runtime import embedded_model_dir  # noqa: E402
+from culign.model import embedded_model_dir  # noqa: E402
 from culign.scorer import SurveyScorer  # noqa: E402
 from culign.survey import DEFAULT_CONSTANT, DIMENSIONS, Survey, l1_loss  # noqa: E402
 from culign.targets import resolve  # noqa: E402

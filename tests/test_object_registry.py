@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("s3fs")
 
-from culign.object_registry import CLAIM_FILE, MANIFEST_FILE, ObjectRegistry, RegistryUnavailable  # noqa: E402
+from culign.registry import CLAIM_FILE, MANIFEST_FILE, RegistryUnavailable, S3Registry  # noqa: E402
 from culign.registry import AdapterCorrupt, AdapterNotFound, Registry, open_registry  # noqa: E402
 from reliability.backends import SECRET_KEY, seaweedfs  # noqa: E402
 
@@ -43,14 +43,14 @@ def _save(reg, region="US", seed=0, **extra):
 def test_open_registry_picks_by_url(tmp_path, s3):
     assert isinstance(open_registry(tmp_path), Registry)
     assert isinstance(open_registry(f"file://{tmp_path}"), Registry)
-    assert isinstance(open_registry(f"s3://{BUCKET}/x", cache_dir=tmp_path), ObjectRegistry)
+    assert isinstance(open_registry(f"s3://{BUCKET}/x", cache_dir=tmp_path), S3Registry)
     for bad in ("s3://", "s3:///prefix", "s3://Upper_Case/x"):
         with pytest.raises(ValueError, match="bucket|URL"):
-            ObjectRegistry(bad, cache_dir=tmp_path)
+            S3Registry(bad, cache_dir=tmp_path)
 
 
 def test_publish_list_load_verify_remove(url, tmp_path):
-    reg = ObjectRegistry(url, cache_dir=tmp_path / "cache")
+    reg = S3Registry(url, cache_dir=tmp_path / "cache")
     a = _save(reg, seed=0)
     b = _save(reg, seed=1)
     c = _save(reg, "CN", seed=2)
@@ -64,7 +64,7 @@ def test_publish_list_load_verify_remove(url, tmp_path):
     assert loaded.info.ref == "US@2" and torch.equal(loaded.prompt, want)
     assert loaded.provenance["seed"] == 1 and (loaded.info.path / "report.json").read_bytes() == b'{"x": 1}'
     # a second machine: its own empty cache reads the same bytes
-    other = ObjectRegistry(url, cache_dir=tmp_path / "other-cache")
+    other = S3Registry(url, cache_dir=tmp_path / "other-cache")
     assert torch.equal(other.load("US", 2).prompt, want)
     assert reg.verify("US", 2, hidden_size=16) == []
     assert reg.verify("US", 2, hidden_size=32)  # a width mismatch is a problem
@@ -83,7 +83,7 @@ def test_concurrent_publishers_never_share_a_version(url, tmp_path):
 
     def publish(i):
         try:  # each its own client and cache, as on separate machines
-            refs.append(_save(ObjectRegistry(url, cache_dir=tmp_path / f"c{i}"), seed=i).ref)
+            refs.append(_save(S3Registry(url, cache_dir=tmp_path / f"c{i}"), seed=i).ref)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -94,14 +94,14 @@ def test_concurrent_publishers_never_share_a_version(url, tmp_path):
         t.join(120)
     assert not errors, errors
     assert sorted(refs) == [f"US@{v}" for v in range(1, 7)]
-    reg = ObjectRegistry(url, cache_dir=tmp_path / "check")
+    reg = S3Registry(url, cache_dir=tmp_path / "check")
     seeds = {i.version: reg.load("US", i.version).provenance["seed"] for i in reg.scan()[0]}
     assert sorted(seeds.values()) == list(range(6))  # six versions, six different prompts: none overwritten
 
 
 def test_concurrent_publishing_processes(url, tmp_path):
     """Two processes, not threads: the create-only claim is what keeps them apart."""
-    code = ("import sys, torch; from culign.object_registry import ObjectRegistry as R; "
+    code = ("import sys, torch; from culign.registry import S3Registry as R; "
             "torch.manual_seed(int(sys.argv[2])); "
             "print(R(sys.argv[1], cache_dir=sys.argv[3]).save('IN', torch.randn(2, 8), base_model='t', "
             "base_fingerprint='f', provenance={}).ref)")
@@ -112,7 +112,7 @@ def test_concurrent_publishing_processes(url, tmp_path):
 
 
 def test_half_uploaded_and_corrupted_versions_are_never_served(url, tmp_path, s3):
-    reg = ObjectRegistry(url, cache_dir=tmp_path / "cache")
+    reg = S3Registry(url, cache_dir=tmp_path / "cache")
     good = _save(reg, seed=0)
     fs, base = reg.fs, reg.base
     # a publisher that died after claiming and uploading part of version 2: no manifest, not a version
@@ -127,7 +127,7 @@ def test_half_uploaded_and_corrupted_versions_are_never_served(url, tmp_path, s3
     data = bytearray(fs.cat_file(key))
     data[-1] ^= 0xFF
     fs.pipe_file(key, bytes(data))
-    fresh = ObjectRegistry(url, cache_dir=tmp_path / "fresh")  # a replica that has not cached it yet
+    fresh = S3Registry(url, cache_dir=tmp_path / "fresh")  # a replica that has not cached it yet
     infos, warnings = fresh.scan()
     assert [i.ref for i in infos] == ["US@1"]
     assert len(warnings) == 1 and warnings[0].ref == "US@3" and "sha256" in warnings[0].reason
@@ -136,12 +136,12 @@ def test_half_uploaded_and_corrupted_versions_are_never_served(url, tmp_path, s3
         fresh.load("US", 3)
     # a file missing while the manifest lists it (half-uploaded and then cleaned by hand)
     fs.rm_file(f"{base}/US/1/report.json")
-    assert "missing" in " ".join(ObjectRegistry(url, cache_dir=tmp_path / "f2").scan()[1][0].reason for _ in [0])
+    assert "missing" in " ".join(S3Registry(url, cache_dir=tmp_path / "f2").scan()[1][0].reason for _ in [0])
     assert good.ref == "US@1"
 
 
 def test_manifest_is_written_last_and_lists_every_file(url, tmp_path):
-    reg = ObjectRegistry(url, cache_dir=tmp_path / "cache")
+    reg = S3Registry(url, cache_dir=tmp_path / "cache")
     _save(reg)
     manifest = json.loads(reg.fs.cat_file(f"{reg.base}/US/1/{MANIFEST_FILE}"))
     assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "culign.json",
@@ -152,11 +152,11 @@ def test_manifest_is_written_last_and_lists_every_file(url, tmp_path):
 def test_unreachable_store_and_wrong_credentials(tmp_path, s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     with pytest.raises(RegistryUnavailable, match="unreachable"):
-        ObjectRegistry(f"s3://{BUCKET}/x", cache_dir=tmp_path).scan()
+        S3Registry(f"s3://{BUCKET}/x", cache_dir=tmp_path).scan()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(RegistryUnavailable, match="credentials") as e:
-        ObjectRegistry(f"s3://{BUCKET}/x", cache_dir=tmp_path).scan()
+        S3Registry(f"s3://{BUCKET}/x", cache_dir=tmp_path).scan()
     assert "wrong-secret" not in str(e.value) and SECRET_KEY not in str(e.value)
 
 
@@ -166,7 +166,7 @@ def _cli(*args, env=None):
 
 
 def test_cli_over_s3(url, tmp_path, s3):
-    reg = ObjectRegistry(url, cache_dir=tmp_path / "cache")
+    reg = S3Registry(url, cache_dir=tmp_path / "cache")
     _save(reg)
     r = _cli("adapters", "--adapters-dir", url, "list", "--json")
     assert r.returncode == 0, r.stderr

@@ -4,6 +4,7 @@ and the templates written for it (no digits) and the letters family of the digit
 import pytest
 import torch
 
+from culign.model import scoring
 from culign.scorer import SurveyScorer
 from culign.survey import ANSWERS, DEFAULT_LABEL_SPLIT, Survey, both_orders
 
@@ -34,8 +35,9 @@ def test_label_readout_equals_full_sequence_loglik(word_runtime, survey, name):
     g = torch.Generator().manual_seed(3)
     prompts = torch.randn(3, 2, rt.hidden_size, generator=g) * 0.05
     for sp in (None, prompts):
-        parts = rt.continuation_logprobs(p.shared, [(gr.prefix, gr.suffixes, gr.continuations) for gr in p.groups],
-                                         sp, block=2)
+        parts = scoring.continuation_logprobs(rt, p.shared,
+                                              [(gr.prefix, gr.suffixes, gr.continuations) for gr in p.groups],
+                                              sp, block=2)
         for gr, part in zip(p.groups, parts):
             for q, pos in enumerate(gr.positions[:3]):
                 item = survey.items[pos]

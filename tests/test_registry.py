@@ -93,7 +93,7 @@ def test_peft_loads_the_adapter_and_agrees_with_runtime(tmp_path, tiny_model):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from culign.runtime import Runtime
+    from culign.model import Runtime
 
     model, tok = tiny_model
     model.save_pretrained(tmp_path / "base")

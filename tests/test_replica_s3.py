@@ -12,7 +12,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("bentoml")
 pytest.importorskip("s3fs")
 
-from culign.object_registry import CLAIM_FILE, ObjectRegistry  # noqa: E402
+from culign.registry import CLAIM_FILE, S3Registry  # noqa: E402
 from culign.registry import Registry  # noqa: E402
 from reliability.backends import seaweedfs  # noqa: E402
 from reliability.harness import REPO, serve  # noqa: E402
@@ -22,7 +22,7 @@ STAMPED = {"base_model", "base_fingerprint", "num_virtual_tokens", "token_dim", 
            "weights_sha256", "region", "version"}
 
 
-def _publish(reg: ObjectRegistry, region: str, version: int):
+def _publish(reg: S3Registry, region: str, version: int):
     """A committed adapter (trained on the embedded model) published to the store as the next version."""
     a = Registry(REPO / "adapters").load(region, version)
     prov = {k: v for k, v in a.provenance.items() if k not in STAMPED}
@@ -56,7 +56,7 @@ def test_a_replica_follows_the_store_and_survives_its_outage(tmp_path):
     with seaweedfs(tmp_path / "weed") as store, store.exported():
         store.make_bucket("replicas")
         url = f"s3://replicas/{uuid.uuid4().hex[:8]}"  # the replica's local cache is keyed by URL: a fresh one
-        publisher = ObjectRegistry(url, cache_dir=tmp_path / "publisher-cache")
+        publisher = S3Registry(url, cache_dir=tmp_path / "publisher-cache")
         assert _publish(publisher, "US", 1).ref == "US@1"
         (tmp_path / "srv").mkdir()
         with serve(tmp_path / "srv", url, CULIGN_RESCAN_SECONDS=1, **store.env) as server:

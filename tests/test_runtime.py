@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from culign.runtime import GenerationRequest, _bf16_probe, cpu_bf16_native, cpu_capability, parse_dtype, weights_fingerprint
+from culign.model import GenerationRequest, decoding, scoring, weights_fingerprint
+from culign.model.hardware import _bf16_probe, cpu_bf16_native, cpu_capability, parse_dtype
 from culign.scorer import SurveyScorer
 from culign.survey import Survey
 
@@ -50,9 +51,9 @@ def test_injection_is_prepending_embeddings(tiny_runtime, rows):
 def test_greedy_generation_batched_equals_alone(tiny_runtime, rows):
     reqs = [GenerationRequest(ids, p, max_new_tokens=6 + i) for i, (ids, p) in enumerate(rows)]
     reqs.append(GenerationRequest(rows[0][0], rows[0][1], max_new_tokens=5, temperature=0.9, seed=7))
-    batched = tiny_runtime.generate(reqs)
+    batched = decoding.generate(tiny_runtime, reqs)
     for r, out in zip(reqs, batched):
-        assert out == tiny_runtime.generate([r])[0]
+        assert out == decoding.generate(tiny_runtime, [r])[0]
         assert 0 < len(out) <= r.max_new_tokens
     assert batched[0] != batched[2] or rows[0][0] != rows[2][0]
 
@@ -66,13 +67,13 @@ def test_shared_prefix_scoring_equals_full_forward(tiny_runtime):
               (enc("g3 "), [enc("yes?"), enc("no?")])]
     prompts = torch.stack([_prompt(rt, 3, s) for s in range(5)])
     options = rt.option_token_ids(list("12345"))
-    got = rt.option_logprobs(shared, groups, prompts, options, block=2)  # forces blocks, the last one padded
+    got = scoring.option_logprobs(rt, shared, groups, prompts, options, block=2)  # forces blocks, the last one padded
     assert [g.shape for g in got] == [(5, 3, 5), (5, 1, 5), (5, 2, 5)]
     for (prefix, suffixes), part in zip(groups, got):
         for s in range(5):
             full = rt.next_token_logits([(shared + prefix + suf, prompts[s]) for suf in suffixes])
             torch.testing.assert_close(part[s], full.log_softmax(-1)[:, options], atol=1e-4, rtol=1e-4)
-    naive = rt.option_logprobs(shared, groups, None, options)
+    naive = scoring.option_logprobs(rt, shared, groups, None, options)
     for (prefix, suffixes), part in zip(groups, naive):
         ref = rt.next_token_logits([(shared + prefix + suf, None) for suf in suffixes]).log_softmax(-1)[:, options]
         torch.testing.assert_close(part[0], ref, atol=1e-4, rtol=1e-4)
@@ -122,7 +123,7 @@ def test_decode_worker_sets_its_own_thread_count(tiny_runtime, rows):
     import asyncio
     import threading
 
-    from culign.scheduler import Scheduler
+    from culign.serving.engines.scheduler import Scheduler
 
     seen = []
 
@@ -143,7 +144,7 @@ def test_decode_worker_sets_its_own_thread_count(tiny_runtime, rows):
         tokens = asyncio.run(one())
     finally:
         worker.close()
-    assert tokens == tiny_runtime.generate([GenerationRequest(rows[0][0], rows[0][1], max_new_tokens=4)])[0]
+    assert tokens == decoding.generate(tiny_runtime, [GenerationRequest(rows[0][0], rows[0][1], max_new_tokens=4)])[0]
     assert seen == [(False, worker_threads)]
     assert torch.get_num_threads() == before
 
@@ -159,7 +160,7 @@ def test_bf16_runtime_reads_the_answer_in_float32(tiny_model):
     fingerprint equals a float32 load of the same values); patching twice is a no-op."""
     import copy
 
-    from culign.runtime import Runtime
+    from culign.model import Runtime
 
     model, tok = tiny_model
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -193,9 +194,9 @@ def test_a_tiny_temperature_samples_like_greedy(tiny_runtime):
     logits = torch.tensor([1.0, 3.0, 2.0, -5.0])
     r = GenerationRequest([1], temperature=1e-40, seed=0)
     g = torch.Generator().manual_seed(0)
-    assert all(tiny_runtime.pick(logits, r, g) == 1 for _ in range(20))
+    assert all(decoding.pick(logits, r, g) == 1 for _ in range(20))
     for t in (5e-324, 1e-300, 1e-7, 1e-5):  # 1e-300 is 0 in float32 (0 / 0 = NaN: a 503 found by schemathesis)
-        assert tiny_runtime.pick(logits, GenerationRequest([1], temperature=t, seed=0), g) == 1
+        assert decoding.pick(logits, GenerationRequest([1], temperature=t, seed=0), g) == 1
     ids = tiny_runtime.tokenizer("abc", add_special_tokens=False)["input_ids"]
-    sampled = tiny_runtime.generate([GenerationRequest(ids, temperature=1e-40, seed=3, max_new_tokens=4)])[0]
-    assert sampled == tiny_runtime.generate([GenerationRequest(ids, max_new_tokens=4)])[0]
+    sampled = decoding.generate(tiny_runtime, [GenerationRequest(ids, temperature=1e-40, seed=3, max_new_tokens=4)])[0]
+    assert sampled == decoding.generate(tiny_runtime, [GenerationRequest(ids, max_new_tokens=4)])[0]

@@ -6,8 +6,9 @@ import time
 import pytest
 import torch
 
-from culign.runtime import GenerationRequest
-from culign.scheduler import QueueFull, RowFailed, Scheduler, ShuttingDown, StaticBatcher
+from culign.model import GenerationRequest, decoding
+from culign.serving.engines import QueueFull, RowFailed, ShuttingDown
+from culign.serving.engines.scheduler import Scheduler, StaticBatcher
 
 
 def _requests(rt, n, seed=0, max_new=12):
@@ -26,7 +27,7 @@ async def _collect(job):
 
 
 def _solo(rt, requests):
-    return [rt.generate([r])[0] for r in requests]
+    return [decoding.generate(rt, [r])[0] for r in requests]
 
 
 @pytest.fixture
@@ -149,7 +150,7 @@ def test_logprobs_come_with_the_token_when_asked(tiny_runtime, scheduler):
         return [t async for t in scheduler.submit(req).tokens()]
 
     toks = asyncio.run(run())
-    assert [t.id for t in toks] == tiny_runtime.generate([req])[0]
+    assert [t.id for t in toks] == decoding.generate(tiny_runtime, [req])[0]
     for t in toks:
         assert len(t.top) == 3 and t.top[0][0] == t.id and t.logprob == pytest.approx(t.top[0][1])
         assert t.top[0][1] >= t.top[1][1] >= t.top[2][1] and t.logprob <= 0
@@ -183,11 +184,11 @@ def _mixes(rt, worker, n_mixes, seed, max_new=10):
 
 
 def test_bf16_rows_decode_exactly_as_alone(tiny_model):
-    """In bf16 each decode step attends row by row (culign.runtime._rowwise_sdpa): no neighbour changes a row.
+    """In bf16 each decode step attends row by row (culign.model.runtime._rowwise_sdpa): no neighbour changes a row.
     (The tiny model happens not to differ even without it; the SmolLM2 test below does: 1 of 16 answers.)"""
     import copy
 
-    from culign.runtime import Runtime
+    from culign.model import Runtime
 
     model, tok = tiny_model
     rt = Runtime(copy.deepcopy(model).to(torch.bfloat16), tok, "tiny-bf16", "cpu", torch.bfloat16)
@@ -203,7 +204,7 @@ def test_bf16_rows_decode_exactly_as_alone(tiny_model):
 
 @pytest.mark.real
 def test_smollm2_bf16_greedy_answers_are_batch_invariant_where_promised():
-    from culign.runtime import Runtime, cpu_bf16_native
+    from culign.model import Runtime, cpu_bf16_native
 
     if not cpu_bf16_native():
         pytest.skip("bf16 is emulated on this CPU (~65x slower than fp32): the service runs fp32 here, which "

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from culign.runtime import Runtime
+from culign.model import Runtime
 from culign.scorer import SurveyScorer
 from culign.survey import Survey
 

