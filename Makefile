@@ -59,5 +59,6 @@ image: setup  ## the serving image, built and run here with no registry (root; d
 reliability: setup
 	@mkdir -p runs && rm -f runs/reliability.jsonl
 	CULIGN_RELIABILITY_OUT=$(CURDIR)/runs/reliability.jsonl CULIGN_RELIABILITY_FULL=1 $(BIN)/pytest -q -m reliability \
-		-rxX tests/test_reliability.py tests/test_reliability_live.py tests/test_api_keys.py tests/test_kill_resume.py tests/test_fanout.py; \
+		-rxX tests/test_reliability.py tests/test_reliability_live.py tests/test_api_keys.py tests/test_kill_resume.py tests/test_fanout.py \
+		tests/test_engine_faults.py; \
 		status=$$?; $(BIN)/python -m reliability.summary runs/reliability.jsonl; exit $$status

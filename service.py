@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -27,14 +28,15 @@ from culign import http_limits
 from culign.model.hardware import cpu_capability
 from culign.registry import open_registry
 from culign.serving import (REGION_HEADER, VERSION_HEADER, ChatCompletionRequest, ChatRequest, ChatService, Reply,
-                            ServiceSettings, build_engine, load_runtime)
-from culign.serving.auth import ApiKeys, AuthError, Grant
+                            ServiceSettings, load_runtime)
+from culign.serving.engines import supervised_engine
+from culign.serving.auth import AuthError, Grant, KeyRing
 
 log = logging.getLogger("culign.service")
 API_PATHS = ("/chat", "/v1/chat/completions")
 OPEN_PATHS = ("/livez", "/readyz", "/metrics")  # probes and scrapers carry no key
 SETTINGS = ServiceSettings.from_env(default_adapters=Path(__file__).resolve().parent / "adapters")
-API_KEYS = ApiKeys.load(SETTINGS.api_keys) if SETTINGS.api_keys else None  # a bad file stops startup here
+API_KEYS = KeyRing(SETTINGS.api_keys, SETTINGS.api_keys_poll_s) if SETTINGS.api_keys else None  # a bad file: no start
 http_limits.install(SETTINGS.max_header_bytes, SETTINGS.max_header_block_bytes)  # before uvicorn loads its protocol
 
 
@@ -214,7 +216,7 @@ class ApiKeyGuard:
     ``Authorization: Bearer <key>``; a missing or wrong key is a 401 in OpenAI's shape. The key's grant travels in
     the request's state for the handlers (a region outside it is a 403 there). The header is never logged."""
 
-    def __init__(self, app, keys: ApiKeys | None):
+    def __init__(self, app, keys: KeyRing | None):
         self.app, self.keys = app, keys
 
     async def __call__(self, scope, receive, send):
@@ -240,6 +242,12 @@ def grant_of(request: Request):
     return grant.allows if grant is not None else None
 
 
+def client_of(request: Request) -> str | None:
+    """The caller's key id, for its share of the engine (None: no API keys configured)."""
+    grant: Grant | None = request.scope.get("state", {}).get("culign_grant")
+    return grant.key_id if grant is not None else None
+
+
 def to_response(reply: Reply, ctx: bentoml.Context | None = None) -> Response:
     if ctx is not None:
         ctx.response.status_code = reply.status  # BentoML copies the context's status onto what we return
@@ -257,27 +265,34 @@ async def list_models(request: Request) -> Response:
 openai_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 
 
+# culign's gauges on /metrics: name -> what it says (refreshed every second from the chat service)
+GAUGES = {
+    "culign_queue_depth": "requests waiting for a row",
+    "culign_rows_in_flight": "rows being decoded",
+    "culign_tokens_per_second": "tokens generated per second, over the last 10 s",
+    "culign_rejected_total": "requests refused with 429 since start (the engine's queue full)",
+    "culign_cancelled_rows_total": "rows stopped early since start (client gone, stop string matched)",
+    "culign_registry_unreachable": "1 while the object-store registry cannot be reached (the last good listing is "
+                                   "served)",
+    "culign_registry_unreachable_scans_total": "registry rescans that could not reach the store",
+    "culign_engine_restarts_total": "times the inference engine died and was restarted in-process since start",
+    "culign_engine_last_recovery_seconds": "seconds from the last engine death to serving again",
+    "culign_api_keys_file_refused": "1 while the API keys file on disk does not load (the last good keys stay in "
+                                    "force)",
+    "culign_api_keys_reloads_total": "times the API keys file was reloaded since start",
+    "culign_key_share_rejected_total": "requests refused with 429 because their API key held its whole share of "
+                                       "the engine's places",
+}
+
+
 class Metrics:
-    """culign's lines on BentoML's /metrics: queue depth, rows in flight, tokens/s, requests per region."""
+    """culign's lines on BentoML's /metrics: the gauges above, and requests answered per region and status."""
 
     def __init__(self, chat_service: ChatService):
         self.chat_service = chat_service
-        self.queued = bentoml.metrics.Gauge(name="culign_queue_depth", documentation="requests waiting for a row")
-        self.rows = bentoml.metrics.Gauge(name="culign_rows_in_flight", documentation="rows being decoded")
-        self.rate = bentoml.metrics.Gauge(name="culign_tokens_per_second",
-                                          documentation="tokens generated per second, over the last 10 s")
+        self.gauges = {name: bentoml.metrics.Gauge(name=name, documentation=doc) for name, doc in GAUGES.items()}
         self.requests = bentoml.metrics.Counter(name="culign_requests", documentation="chat requests answered, by "
                                                 "region (base: no adapter) and status", labelnames=["region", "status"])
-        self.rejected = bentoml.metrics.Gauge(name="culign_rejected_total",
-                                              documentation="requests refused with 429 since start")
-        self.cancelled = bentoml.metrics.Gauge(name="culign_cancelled_rows_total",
-                                               documentation="rows stopped early since start (client gone, stop "
-                                                             "string matched)")
-        self.store_down = bentoml.metrics.Gauge(name="culign_registry_unreachable",
-                                                documentation="1 while the object-store registry cannot be reached "
-                                                              "(the last good listing is served)")
-        self.store_failures = bentoml.metrics.Gauge(name="culign_registry_unreachable_scans_total",
-                                                    documentation="registry rescans that could not reach the store")
         self._stop = threading.Event()
         threading.Thread(target=self._loop, name="culign-metrics", daemon=True).start()
 
@@ -286,14 +301,23 @@ class Metrics:
             self.refresh()
 
     def refresh(self) -> None:
-        engine, adapters = self.chat_service.engine, self.chat_service.adapters
-        self.queued.set(engine.queued)
-        self.rows.set(engine.stats.rows_in_flight)
-        self.rate.set(engine.stats.tokens_per_s())
-        self.rejected.set(engine.stats.rejected)
-        self.cancelled.set(engine.stats.cancelled_rows)
-        self.store_down.set(int(adapters.store_unreachable))
-        self.store_failures.set(adapters.store_failures)
+        service = self.chat_service
+        engine, adapters, stats = service.engine, service.adapters, service.engine.stats
+        values = {
+            "culign_queue_depth": engine.queued, "culign_rows_in_flight": stats.rows_in_flight,
+            "culign_tokens_per_second": stats.tokens_per_s(), "culign_rejected_total": stats.rejected,
+            "culign_cancelled_rows_total": stats.cancelled_rows,
+            "culign_registry_unreachable": int(adapters.store_unreachable),
+            "culign_registry_unreachable_scans_total": adapters.store_failures,
+            "culign_engine_restarts_total": engine.restarts,
+            "culign_engine_last_recovery_seconds": engine.last_recovery_s,
+            "culign_api_keys_file_refused": int(API_KEYS.file_refused) if API_KEYS else None,
+            "culign_api_keys_reloads_total": API_KEYS.reloads if API_KEYS else None,
+            "culign_key_share_rejected_total": service.shares.refused,
+        }
+        for name, value in values.items():
+            if value is not None:
+                self.gauges[name].set(value)
 
     def count(self, reply: Reply) -> None:
         served = reply.headers.get(VERSION_HEADER, "none")
@@ -304,13 +328,20 @@ class Metrics:
         self._stop.set()
 
 
+def _exit_worker(reason: str) -> None:
+    """The engine cannot be brought back in-process: exit non-zero (after /livez has had a moment to say 503), so
+    that whatever supervises this worker (BentoML's arbiter, systemd, Kubernetes) starts a fresh one."""
+    log.critical("%s: exiting the worker (status 70) for its supervisor to restart it", reason)
+    threading.Timer(2.0, os._exit, args=(70,)).start()
+
+
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.service(name="culign", workers=1, traffic={"timeout": 600})
 class Culign:
     def __init__(self) -> None:
         logging.getLogger("culign").setLevel(SETTINGS.log_level)  # BentoML's root logger says WARNING
         runtime = load_runtime(SETTINGS)
-        engine = build_engine(SETTINGS, runtime)
+        engine = supervised_engine(SETTINGS, runtime, on_give_up=_exit_worker)
         log.info("serving %s (%s) on the %s engine in %s (%s) with adapters from %s", runtime.name,
                  runtime.fingerprint, SETTINGS.engine,
                  str(getattr(engine, "dtype", runtime.dtype)).replace("torch.", ""), cpu_capability(),
@@ -319,12 +350,24 @@ class Culign:
             log.warning("API keys: off (CULIGN_API_KEYS is not set): anyone who can reach this port may use every "
                         "region")
         else:
-            log.info("API keys: on, %d keys from %s; every endpoint but %s needs Authorization: Bearer <key>",
-                     len(API_KEYS), API_KEYS.source, ", ".join(OPEN_PATHS))
+            log.info("API keys: on, %d keys from %s; every endpoint but %s needs Authorization: Bearer <key>; "
+                     "the file is re-read when it changes (or on SIGHUP); each key may hold %g of the queue",
+                     len(API_KEYS), API_KEYS.source, ", ".join(OPEN_PATHS), SETTINGS.key_share)
+            API_KEYS.watch()
         self.chat_service = ChatService(runtime, open_registry(SETTINGS.adapters), SETTINGS, engine=engine)
         self.chat_service.adapters.warm()
         self.metrics = Metrics(self.chat_service)
         self._end_rows_on_signals()
+        self._reload_keys_on_sighup()
+
+    def _reload_keys_on_sighup(self) -> None:
+        if API_KEYS is None:
+            return
+        try:
+            signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=API_KEYS.reload, args=("SIGHUP",),
+                                                                     daemon=True).start())
+        except ValueError:  # not the main thread: the file watch still reloads it
+            log.warning("could not hook SIGHUP: the keys file is reloaded when it changes")
 
     def _end_rows_on_signals(self) -> None:
         """On SIGTERM/SIGINT, close the engine (running rows get CULIGN_SHUTDOWN_GRACE_S, then end), then let
@@ -347,7 +390,8 @@ class Culign:
     async def chat(self, body: ChatRequest, /, ctx: bentoml.Context) -> dict:
         """Chat with the model under the region named by the X-Culign-Region header (none: the base model)."""
         reply = await self.chat_service.chat(body, ctx.request.headers.getlist(REGION_HEADER),
-                                       ctx.request.is_disconnected, grant_of(ctx.request))
+                                             ctx.request.is_disconnected, grant_of(ctx.request),
+                                             client_of(ctx.request))
         self.metrics.count(reply)
         return to_response(reply, ctx)
 
@@ -355,19 +399,22 @@ class Culign:
     async def chat_completions(self, body: ChatCompletionRequest, /, ctx: bentoml.Context) -> dict:
         """OpenAI-compatible chat; the region comes from X-Culign-Region or the `model` field."""
         reply = await self.chat_service.chat_completions(body, ctx.request.headers.getlist(REGION_HEADER),
-                                                   ctx.request.is_disconnected, grant_of(ctx.request))
+                                                         ctx.request.is_disconnected, grant_of(ctx.request),
+                                                         client_of(ctx.request))
         self.metrics.count(reply)
         return to_response(reply, ctx)
 
     def __is_ready__(self) -> bool:
-        return self.chat_service.engine.alive()
+        return self.chat_service.engine.alive()  # False while a dead engine is being restarted
 
     def __is_alive__(self) -> bool:
-        return self.chat_service.engine.alive()
+        return self.chat_service.engine.live()  # False once restarting it has failed: the worker exits then
 
     @bentoml.on_shutdown
     def close(self) -> None:
         self.metrics.close()
+        if API_KEYS is not None:
+            API_KEYS.close()
         self.chat_service.close()
 
 

@@ -68,6 +68,16 @@ def table(rows: list[dict]) -> str:
         line(f"fault: {r['fault']}", json.dumps(detail), "xfail (engine defect)" if r.get("problems") else True)
         if r.get("problems"):
             out.append(f"{'':<42}{r['problems'][0][:72]}")
+    for r in by["engine-death"]:
+        engine[""] = f"[{r['engine']}] " if r.get("engine") else ""
+        for k in r["rows"]:
+            line(f"engine killed ({k['kill']} of {len(r['rows'])})", f"in-flight ended {k['in_flight_ended_s']} s, "
+                 f"first 200 {k['first_200_s']} s, readyz 503 {'seen' if k['readyz_503_seen'] else 'not seen'}, "
+                 f"zombies {k['zombies']}, RSS {k['rss_worker_mb']} MB", k["zombies"] == 0)
+        if r.get("cold_start_s"):
+            worst = max(k["first_200_s"] for k in r["rows"])
+            line("  kill -> first 200 vs cold start", f"{worst} s vs {r['cold_start_s']} s (goal <= 2x)",
+                 worst <= 2 * r["cold_start_s"] or "over the goal")
     for r in by["kill-resume"]:
         engine[""] = f"[{r['engine']}] " if r.get("engine") else ""
         line(f"kill/resume: {r['scenario']}", f"{' + '.join(r['killed'])[:46]}; {r['final']} exact", r["exact"])

@@ -363,3 +363,22 @@ def test_logprobs_on_every_engine_and_scheduler(kind, request, tiny_runtime, tmp
     content = reply.body["choices"][0]["logprobs"]["content"]
     assert content and all(isinstance(entry["logprob"], float) and entry["logprob"] <= 0 for entry in content)
     assert all(len(entry["top_logprobs"]) == 2 for entry in content)
+
+
+def test_a_keys_share_is_given_back_however_its_requests_end(engine):
+    """Places a key holds are given back when its request ends: answered, streamed to the end, or dropped early."""
+    async def go():
+        for _ in range(3):
+            reply = await engine.chat_completions(ChatCompletionRequest(**hi()), [], client="key-1")
+            assert reply.status == 200
+        stream = await engine.chat_completions(ChatCompletionRequest(**hi(stream=True, max_tokens=20)), [],
+                                               client="key-1")
+        await stream.stream.__anext__()
+        await stream.stream.aclose()  # the client goes away mid-stream
+        for _ in range(50):
+            if engine.shares.held("key-1") == 0:
+                return 0
+            await asyncio.sleep(0.05)
+        return engine.shares.held("key-1")
+
+    assert run(go()) == 0

@@ -13,17 +13,26 @@ An entry is made with ``printf %s "$KEY" | sha256sum``. Keys never appear in the
 key is hashed and compared against every stored hash with ``hmac.compare_digest`` (no early exit), so the time
 taken says nothing about how close a guess was.
 
+Keys rotate without a restart: :class:`KeyRing` re-reads the file when it changes (and when told to: SIGHUP). A
+file that does not load keeps the last good keys in force, and says so once in the log and on ``/metrics``: a
+half-written or mistyped file never opens the service, nor locks everyone out.
+
 Knows nothing of HTTP: service.py turns :class:`AuthError` into a 401 and a region outside the key's into a 403.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ApiKeyFileError", "ApiKeys", "AuthError", "BASE", "Grant", "MAX_KEY_BYTES"]
+__all__ = ["ApiKeyFileError", "ApiKeys", "AuthError", "BASE", "Grant", "KeyRing", "MAX_KEY_BYTES"]
+
+log = logging.getLogger("culign.auth")
 
 BASE = "base"  # the bare model, no soft prompt
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -43,6 +52,8 @@ class Grant:
     """What one key may use: ``regions`` None = everything; else region names (upper case) and maybe ``base``."""
     regions: frozenset[str] | None
     label: str  # "key 3 (line 7)": how logs and metrics may name a key without revealing it
+    key_id: str = field(default="", compare=False)  # stable across rotations (a hash of the stored hash): for the
+    # per-key admission share; reveals nothing of the key
 
     def allows(self, region: str | None) -> bool:
         if self.regions is None:
@@ -78,7 +89,8 @@ class ApiKeys:
                 if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", r):
                     raise ApiKeyFileError(f"{path}, line {n}: {r[:40]!r} is not a region name")
             regions = frozenset(r.lower() if r.lower() == BASE else r.upper() for r in names) or None
-            entries.append((bytes.fromhex(digest), Grant(regions, f"key {len(entries) + 1} (line {n})")))
+            key_id = hashlib.sha256(bytes.fromhex(digest)).hexdigest()[:16]
+            entries.append((bytes.fromhex(digest), Grant(regions, f"key {len(entries) + 1} (line {n})", key_id)))
         if not entries:
             raise ApiKeyFileError(f"CULIGN_API_KEYS={path} holds no key: every request would be refused")
         return cls(entries, str(path))
@@ -101,3 +113,73 @@ class ApiKeys:
         if found is None:
             raise AuthError("invalid API key")
         return found
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file (editors replace it: a new inode; appends change the size and time)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class KeyRing:
+    """The keys in force, from a file that may change while serving. ``check`` answers from the last good load.
+
+    ``watch()`` starts a thread that polls the file's inode, size and time every ``interval`` seconds and reloads it
+    when they change; ``reload()`` does it at once (SIGHUP). A file that fails to load leaves the last good keys in
+    force: ``file_refused`` is True (``/metrics``) and the reason is logged once per bad version of the file.
+    """
+
+    def __init__(self, path: Path, interval: float = 1.0):
+        self.path, self.interval = Path(path), interval
+        self.keys = ApiKeys.load(self.path)  # at startup a bad file is fatal: there are no last good keys yet
+        self.source = self.keys.source
+        self._signature = _signature(self.path)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.reloads = 0  # loads that replaced the keys, since start
+        self.file_refused = False  # the file on disk is not the one in force: it did not load
+        self.last_error: str | None = None
+        self._refused_signature: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def check(self, authorization: str | None) -> Grant:
+        return self.keys.check(authorization)
+
+    def reload(self, why: str = "changed") -> bool:
+        """Load the file again now; True when the keys in force were replaced."""
+        with self._lock:
+            signature = _signature(self.path)
+            try:
+                fresh = ApiKeys.load(self.path)
+            except ApiKeyFileError as e:
+                self._signature = signature
+                first = signature != self._refused_signature or not self.file_refused
+                self.file_refused, self.last_error, self._refused_signature = True, str(e), signature
+                if first:  # once per bad version of the file, not at every poll
+                    log.error("API keys file %s (%s) refused, keeping the %d keys in force: %s", self.path, why,
+                              len(self.keys), e)
+                return False
+            old = {g.key_id for _, g in self.keys._entries}
+            new = {g.key_id for _, g in fresh._entries}
+            self.keys, self._signature = fresh, signature
+            self.file_refused, self.last_error, self._refused_signature = False, None, None
+            self.reloads += 1
+        log.warning("API keys reloaded from %s (%s): %d keys, %d added, %d removed", self.path, why, len(fresh),
+                    len(new - old), len(old - new))
+        return True
+
+    def watch(self) -> None:
+        threading.Thread(target=self._watch, name="culign-keys-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if _signature(self.path) != self._signature:
+                self.reload("changed")
+
+    def close(self) -> None:
+        self._stop.set()

@@ -21,6 +21,7 @@ from ..model.decoding import GenerationRequest, Token
 from ..model.runtime import Runtime
 from ..registry import AdapterRegistry
 from .adapter_cache import Adapter, AdapterCache
+from .admission import KeyShareExceeded, KeyShares
 from .engines import Engine, QueueFull, RowFailed, ShuttingDown, build_engine
 from .requests import ChatCompletionRequest, ChatRequest, Message, ServingError, check_values
 from .router import REGION_HEADER, Allow, RegionRouter
@@ -40,6 +41,7 @@ class Prepared:
     adapter: Adapter | None
     prompt_tokens: int
     stop: tuple[str, ...] = ()
+    client: str | None = None  # the API key's id (None without keys): whose share of the engine it takes
 
     @property
     def region(self) -> str | None:
@@ -169,6 +171,7 @@ class ChatService:
         self.adapters = AdapterCache(registry, runtime, s.rescan_seconds)
         self.router = RegionRouter(self.adapters, runtime.name)
         self.engine: Engine = engine if engine is not None else build_engine(s, runtime)
+        self.shares = KeyShares(self.engine.max_rows + self.engine.max_queue, s.key_share)
         self.invariance = self.engine.invariance()
         log.info("decoding with %s (%d rows, %d waiting at most); batch-invariant: %s (%s)",
                  type(self.engine).__name__, self.engine.max_rows, self.engine.max_queue,
@@ -177,10 +180,12 @@ class ChatService:
 
     # ------------------------------------------------------------------ endpoints
     async def chat(self, body: ChatRequest, region_header: Sequence[str],
-                   disconnected: Disconnected | None = None, allow: Allow | None = None) -> Reply:
-        """``POST /chat`` -> ``{region, adapter_version, message, usage, finish_reason}``."""
+                   disconnected: Disconnected | None = None, allow: Allow | None = None,
+                   client: str | None = None) -> Reply:
+        """``POST /chat`` -> ``{region, adapter_version, message, usage, finish_reason}``. ``allow`` and ``client``
+        come from the caller's API key (its grant, its id for the per-key share), None without keys."""
         try:
-            prepared = await self.prepare(body, region_header, allow=allow)
+            prepared = await self.prepare(body, region_header, allow=allow, client=client)
             result = await self.generate(prepared, disconnected)
         except ServingError as e:
             return self.error(e)
@@ -190,10 +195,11 @@ class ChatService:
                      headers={VERSION_HEADER: prepared.served_by})
 
     async def chat_completions(self, body: ChatCompletionRequest, region_header: Sequence[str],
-                               disconnected: Disconnected | None = None, allow: Allow | None = None) -> Reply:
+                               disconnected: Disconnected | None = None, allow: Allow | None = None,
+                               client: str | None = None) -> Reply:
         """``POST /v1/chat/completions``, OpenAI-compatible; ``stream: true`` gives SSE chunks and ``[DONE]``."""
         try:
-            prepared = await self.prepare(body, region_header, model=body.model, allow=allow)
+            prepared = await self.prepare(body, region_header, model=body.model, allow=allow, client=client)
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 job = self._submit(prepared)  # a full queue is a 429 now, not an error inside a 200 stream
@@ -223,7 +229,7 @@ class ChatService:
 
     # ------------------------------------------------------------------ validation
     async def prepare(self, body: ChatRequest, region_header: Sequence[str] = (), model: str | None = None,
-                      allow: Allow | None = None) -> Prepared:
+                      allow: Allow | None = None, client: str | None = None) -> Prepared:
         """Check a request and select its adapter; ServingError (400/404/413/503) when it does not hold."""
         check_values(body)
         extra = body if isinstance(body, ChatCompletionRequest) else None
@@ -250,7 +256,7 @@ class ChatService:
         request = GenerationRequest(ids, adapter.prompt if adapter else None, max_new, temperature, top_p, body.seed,
                                     top_logprobs)
         stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return Prepared(request, adapter, len(ids), stops)
+        return Prepared(request, adapter, len(ids), stops, client)
 
     def _prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         turns = [{"role": "system" if m.role == "developer" else m.role,
@@ -264,14 +270,34 @@ class ChatService:
 
     # ------------------------------------------------------------------ generation
     def _submit(self, prepared: Prepared):
+        client = prepared.client
+        if client is not None:
+            try:
+                self.shares.take(client, self.engine.stats.tokens_per_s())
+            except KeyShareExceeded as e:
+                raise ServingError(429, str(e), kind="rate_limit_error",
+                                   headers={"Retry-After": str(e.retry_after)}) from None
+        try:
+            job = self._submit_to_engine(prepared)
+        except BaseException:
+            if client is not None:
+                self.shares.give_back(client)
+            raise
+        if client is not None:
+            job.when_finished(lambda: self.shares.give_back(client))
+        return job
+
+    def _submit_to_engine(self, prepared: Prepared):
         try:
             return self.engine.submit(prepared.request, prepared.served_by, prepared.region)
         except QueueFull as e:
             raise ServingError(429, f"the server is busy ({e.queued} requests waiting); retry after "
                                     f"{e.retry_after} s", kind="rate_limit_error",
                                headers={"Retry-After": str(e.retry_after)}) from None
-        except ShuttingDown as e:
-            raise ServingError(503, str(e), kind="server_error") from None
+        except ShuttingDown as e:  # closing, or the engine died and is restarting (then: when to retry)
+            retry = getattr(e, "retry_after", None)
+            raise ServingError(503, str(e), kind="server_error",
+                               headers={"Retry-After": str(retry)} if retry else None) from None
 
     def new_result(self, prepared: Prepared) -> Result:
         return Result(prepared, Detokenizer(self.runtime.tokenizer, self.runtime.stop_ids, prepared.stop))
@@ -356,9 +382,9 @@ class ChatService:
                     checked = time.monotonic()
                     if await disconnected():
                         return  # finally: the row leaves at the next step
-        except ServingError as e:  # the 200 status is sent already: say it in the stream, as OpenAI does
+        except ServingError as e:  # the 200 status is sent already: say it in the stream, as OpenAI does, and end
+            # there: [DONE] would tell a client that the answer is complete
             yield f"data: {json.dumps(e.body())}\n\n"
-            yield "data: [DONE]\n\n"
             return
         finally:
             job.cancel()  # the client went away mid-stream: the row leaves at the next step

@@ -58,6 +58,11 @@ class ServiceSettings:
     vllm_kv_gib: float = 1.0  # CULIGN_VLLM_KV_GIB: vLLM's KV cache on CPU (VLLM_CPU_KVCACHE_SPACE, if that is unset)
     vllm_eager: bool = True  # CULIGN_VLLM_EAGER: 1 (no torch.compile: loads in ~20 s) or 0 (compiled: faster, ~100 s)
     vllm_tensor_parallel: int = 1  # CULIGN_VLLM_TENSOR_PARALLEL: GPUs one vLLM engine shards the model over
+    api_keys_poll_s: float = 1.0  # CULIGN_API_KEYS_POLL_S: how often the keys file is checked for a change
+    key_share: float = 0.5  # CULIGN_KEY_SHARE: with API keys, the most of the engine's places (rows + queue) one
+    # key may hold at once; past it that key gets 429 while the others are still admitted
+    engine_restart_attempts: int = 3  # CULIGN_ENGINE_RESTART_ATTEMPTS: failed restarts in a row of a dead engine
+    # before the worker exits non-zero (for its supervisor to restart it)
     api_keys: Path | None = None  # CULIGN_API_KEYS: a file of sha256-hashed keys (culign/serving/auth.py); unset: no auth
 
     @classmethod
@@ -125,6 +130,9 @@ class ServiceSettings:
                 log_level=level, batch_invariant=invariant, engine=engine,
                 vllm_kv_gib=number("CULIGN_VLLM_KV_GIB", float, d["vllm_kv_gib"], 0.0625), vllm_eager=eager,
                 vllm_tensor_parallel=number("CULIGN_VLLM_TENSOR_PARALLEL", int, d["vllm_tensor_parallel"], 1),
+                api_keys_poll_s=number("CULIGN_API_KEYS_POLL_S", float, d["api_keys_poll_s"], 0.05),
+                key_share=number("CULIGN_KEY_SHARE", float, d["key_share"], 0.0),
+                engine_restart_attempts=number("CULIGN_ENGINE_RESTART_ATTEMPTS", int, d["engine_restart_attempts"], 1),
                 api_keys=Path(keys) if keys else None)
         if s.default_max_tokens > s.max_tokens:
             if get("CULIGN_DEFAULT_MAX_TOKENS") is not None:
@@ -134,6 +142,9 @@ class ServiceSettings:
         if s.max_header_block_bytes < s.max_header_bytes:
             raise SettingsError(f"CULIGN_MAX_HEADER_BLOCK_BYTES ({s.max_header_block_bytes}) is below "
                                 f"CULIGN_MAX_HEADER_BYTES ({s.max_header_bytes}): one header could never reach its cap")
+        if not 0 < s.key_share <= 1:
+            raise SettingsError(f"CULIGN_KEY_SHARE={s.key_share:g} must be in (0, 1]: the most of the queue one key "
+                                "may hold")
         if s.vllm_tensor_parallel > 1 and s.engine != "vllm":
             raise SettingsError(f"CULIGN_VLLM_TENSOR_PARALLEL={s.vllm_tensor_parallel} needs CULIGN_ENGINE=vllm: "
                                 "culign's own engine runs on one device")

@@ -1,19 +1,21 @@
 """The inference engines behind one seam (:mod:`.base`): culign's own scheduler (:mod:`.scheduler`) and vLLM
-(:mod:`.vllm`). :func:`build_engine` is the one place either is built; nothing else imports a backend."""
+(:mod:`.vllm`). :func:`build_engine` is the one place either is built; nothing else imports a backend. The
+service's engine is supervised (:mod:`.supervisor`): restarted in-process when it dies."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .base import Engine, Invariance, Job, QueueFull, RowFailed, ShuttingDown, Stats, Token
+from .supervisor import EngineRestarting, Supervisor
 
 if TYPE_CHECKING:
     from ...model.runtime import Runtime
     from ..settings import ServiceSettings
 
-__all__ = ["Engine", "Invariance", "Job", "QueueFull", "RowFailed", "ShuttingDown", "Stats", "Token",
-           "build_engine", "load_runtime"]
+__all__ = ["Engine", "EngineRestarting", "Invariance", "Job", "QueueFull", "RowFailed", "ShuttingDown", "Stats",
+           "Supervisor", "Token", "build_engine", "load_runtime", "supervised_engine"]
 
 
 def load_runtime(settings: "ServiceSettings") -> "Runtime":
@@ -57,3 +59,11 @@ def build_engine(settings: "ServiceSettings", runtime: "Runtime") -> Engine:
         return Scheduler(runtime, settings.max_rows, settings.max_queue, grace=settings.shutdown_grace_s)
     return StaticBatcher(runtime, settings.max_rows, settings.max_queue, grace=settings.shutdown_grace_s,
                          window=settings.batch_window_ms / 1000)
+
+
+def supervised_engine(settings: "ServiceSettings", runtime: "Runtime",
+                      on_give_up: Callable[[str], None] | None = None) -> Supervisor:
+    """The service's engine: :func:`build_engine`'s, restarted over the same ``runtime`` when it dies, up to
+    ``settings.engine_restart_attempts`` failed starts in a row (then ``on_give_up``)."""
+    return Supervisor(lambda: build_engine(settings, runtime), max_failures=settings.engine_restart_attempts,
+                      on_give_up=on_give_up)

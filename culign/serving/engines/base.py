@@ -11,6 +11,7 @@ never blocks, and :class:`ShuttingDown` once closing. Two engines implement it: 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Job:
         self.cancelled = False  # set by cancel() (client gone, stop string matched): the row leaves next step
         self.submitted_at = time.monotonic()
         self.on_cancel: Callable[[], None] | None = None  # what an engine does beyond the flag (vLLM: abort)
+        self._on_finish: list[Callable[[], None]] | None = []  # None once they have run
+        self._callbacks_lock = threading.Lock()
 
     # worker side
     def _put(self, item: Any) -> None:
@@ -74,6 +77,18 @@ class Job:
             if error is not None:
                 self._put(error)
             self._put(_END)
+            with self._callbacks_lock:
+                callbacks, self._on_finish = self._on_finish or [], None
+            for callback in callbacks:
+                callback()
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the job has ended, however it ends (at once if it has): from the engine's thread."""
+        with self._callbacks_lock:
+            if self._on_finish is not None:
+                self._on_finish.append(callback)
+                return
+        callback()
 
     @property
     def done(self) -> bool:

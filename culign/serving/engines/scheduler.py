@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -37,6 +38,14 @@ __all__ = ["Scheduler", "StaticBatcher", "COMPUTE_THREADS", "Job", "QueueFull", 
 
 log = logging.getLogger("culign.scheduler")
 COMPUTE_THREADS = torch.get_num_threads()  # torch's own choice, taken before the service narrows its loading thread
+# Test hook: while this names a file, the decode thread raises at its next iteration once the file appears (and
+# removes it), so a live server's engine death can be caused on purpose (tests/test_engine_faults.py).
+FAULT_FILE_ENV = "CULIGN_TEST_DECODE_FAULT_FILE"
+
+
+class InjectedFault(BaseException):
+    """Raised in the decode thread by the test hook: past every per-row ``except Exception``, so the thread dies as
+    it would on a bug in the loop itself."""
 
 
 @dataclass
@@ -57,8 +66,12 @@ class _WorkerBase:
         self.threads, self.grace = threads, grace
         self.stats = Stats()
         self._inbox: queue.Queue[Job] = queue.Queue()
+        self._running: set[Job] = set()  # jobs with a row in the batch: ended by the thread, even when it dies
         self._lock = threading.Lock()
         self._closing_at: float | None = None
+        self._stopped = False  # the thread has ended (or died): nothing submitted any more would ever be decoded
+        self.death: str | None = None  # why the thread died (None: it has not, or it ended by close())
+        self._fault_file = os.environ.get(FAULT_FILE_ENV) or None
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -72,6 +85,8 @@ class _WorkerBase:
         if self._closing_at is not None:
             raise ShuttingDown("the server is shutting down")
         with self._lock:
+            if self._stopped:
+                raise RowFailed(f"generation failed: the decode thread stopped ({self.death})")
             if self._inbox.qsize() >= self.max_queue + max(0, self.max_rows - self.stats.rows_in_flight):
                 self.stats.rejected += 1
                 raise QueueFull(self._inbox.qsize(), self._retry_after())
@@ -89,7 +104,7 @@ class _WorkerBase:
         return max(1, min(60, math.ceil(self._inbox.qsize() * per_request / rate)))
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and self._closing_at is None
+        return self._thread.is_alive() and not self._stopped and self._closing_at is None
 
     def invariance(self) -> Invariance:
         """Measured in bench/serve.py (random mixes, each greedy answer against the same request alone)."""
@@ -151,13 +166,26 @@ class _WorkerBase:
 
     def _main(self) -> None:
         torch.set_num_threads(self.threads)  # per thread under OpenMP: see engines.load_runtime
+        end: BaseException = ShuttingDown("the server is shutting down")
         try:
             self._run()
-        except Exception:  # never expected; logged so that a dead worker is not silent (readiness turns false)
+        except BaseException as e:  # never expected: logged, and every request it held ends now (never a hang)
             log.exception("the decode worker stopped")
-            raise
+            self.death = f"{type(e).__name__}: {e}"
+            end = RowFailed(f"generation failed: the decode thread stopped ({type(e).__name__})")
         finally:
-            self._drain_inbox(ShuttingDown("the server is shutting down"))
+            with self._lock:
+                self._stopped = True  # submit refuses from here on, so the drain below is the last one
+            for job in list(self._running):
+                job._finish(end)
+            self._running.clear()
+            self.stats.rows_in_flight = 0
+            self._drain_inbox(end)
+
+    def _check_fault(self) -> None:
+        if self._fault_file is not None and os.path.exists(self._fault_file):
+            os.unlink(self._fault_file)
+            raise InjectedFault(f"injected through {FAULT_FILE_ENV}")
 
     def _run(self) -> None:
         raise NotImplementedError
@@ -180,6 +208,7 @@ class Scheduler(_WorkerBase):
         rows: list[_Row] = []
         batch: DecodeBatch | None = None
         while True:
+            self._check_fault()
             if self._closing():
                 self._drain_inbox(ShuttingDown("the server is shutting down"))
                 if not rows:
@@ -204,6 +233,7 @@ class Scheduler(_WorkerBase):
                 else:
                     batch.merge(single)
                 rows.append(row)
+                self._running.add(job)
                 log.debug("row %s joined: %d in flight [%s], %d waiting", job.label, len(rows),
                           ", ".join(r.job.label for r in rows), self.queued)
             self.stats.rows_in_flight = len(rows)
@@ -221,6 +251,7 @@ class Scheduler(_WorkerBase):
                     row.job._finish(RowFailed(f"generation failed: {type(e).__name__}"))
                     self.stats.failed_rows += 1
                 rows, batch = [], None
+                self._running.clear()
                 continue
             produced = sum(self._emit(row, batch.logits[i]) for i, row in enumerate(rows) if not row.job.done)
             self.stats.record_step(len(rows), produced)
@@ -232,6 +263,7 @@ class Scheduler(_WorkerBase):
                             self._end_cancelled(r.job)
                         log.debug("row %s left after %d tokens", r.job.label, r.job.produced)
                 rows = [rows[i] for i in keep]
+                self._running = {r.job for r in rows}
                 if rows:
                     batch.keep(keep)
                 else:
@@ -287,6 +319,7 @@ class StaticBatcher(_WorkerBase):
 
     def _run(self) -> None:
         while not self._closing():
+            self._check_fault()
             first = self._take(block=True)
             if first is None:
                 continue
@@ -302,8 +335,10 @@ class StaticBatcher(_WorkerBase):
 
     def _decode(self, batch: list[Job]) -> None:
         self.stats.rows_in_flight = len(batch)
+        self._running = set(batch)
         try:
             for step in decoding.generate_stream(self.runtime, [j.request for j in batch]):
+                self._check_fault()
                 live = sum(t is not None for t in step)
                 self.stats.record_step(live, live)
                 for job, token in zip(batch, step):
@@ -318,4 +353,5 @@ class StaticBatcher(_WorkerBase):
                 job._finish(err)
         for job in batch:
             job._finish()
+        self._running = set()
         self.stats.rows_in_flight = 0

@@ -129,6 +129,13 @@ class VllmEngine:
     def alive(self) -> bool:
         return self._closing_at is None and not self.llm.errored
 
+    @property
+    def death(self) -> str | None:
+        """Why the engine is dead (for the supervisor's log), None while it is not."""
+        if self._closing_at is not None or not self.llm.errored:
+            return None
+        return "vLLM's engine core stopped: its process exited or was killed (EngineDeadError)"
+
     def close(self) -> None:
         """Stop admitting; running requests get ``grace`` seconds, then end with ShuttingDown; vLLM shuts down."""
         if self._closing_at is None:
