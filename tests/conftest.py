@@ -164,3 +164,35 @@ def vllm_engine():
     yield engine
     engine.close()
     loop.close()
+
+
+def _orphaned_engine_processes() -> set[int]:
+    """vLLM engine processes (named VLLM::...) whose parent is gone: what a server that died without reaping its
+    engine leaves behind, holding gigabytes and a core."""
+    import psutil
+
+    found = set()
+    for p in psutil.process_iter(["name", "ppid", "status"]):
+        if (p.info["name"] or "").startswith("VLLM::") and p.info["ppid"] == 1 \
+                and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.add(p.pid)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphaned_engine_processes():
+    """Fails the run (at its end) if any test left a vLLM engine process running without its server, and kills it."""
+    import signal
+    import time
+
+    before = _orphaned_engine_processes()
+    yield
+    deadline = time.monotonic() + 15  # a server's engine process may take a moment to follow it out
+    while (leaked := _orphaned_engine_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leaked, f"vLLM engine processes outlived their server: {sorted(leaked)}"

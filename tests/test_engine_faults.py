@@ -29,6 +29,20 @@ def _long_request(rt) -> GenerationRequest:
     return GenerationRequest(rt.chat_ids([{"role": "user", "content": "tell me a long story"}]), None, 4000)
 
 
+async def _kill_mid_answer(sup, rt, fault) -> float:
+    """A long request decoding, then the decode thread made to raise: its answer must end in RowFailed (not hang);
+    returns how long that took."""
+    job = sup.submit(_long_request(rt))
+    tokens = job.tokens()
+    await tokens.__anext__()  # decoding
+    fault.touch()
+    t0 = time.monotonic()
+    with pytest.raises(RowFailed, match="decode thread stopped"):
+        async for _ in tokens:
+            pass
+    return time.monotonic() - t0
+
+
 # ---------------------------------------------------------------------------------------------------- in-process
 def test_a_dead_decode_thread_is_restarted_and_its_requests_fail_fast(tiny_runtime, tmp_path, monkeypatch):
     fault = tmp_path / "fault"
@@ -38,15 +52,7 @@ def test_a_dead_decode_thread_is_restarted_and_its_requests_fail_fast(tiny_runti
 
     async def one_death():
         first = sup.engine
-        job = sup.submit(_long_request(tiny_runtime))
-        tokens = job.tokens()
-        await tokens.__anext__()  # decoding
-        fault.touch()
-        t0 = time.monotonic()
-        with pytest.raises(RowFailed, match="decode thread stopped"):
-            async for _ in tokens:
-                pass
-        failed_after = time.monotonic() - t0
+        failed_after = await _kill_mid_answer(sup, tiny_runtime, fault)
         assert not first.alive() and first.death and "InjectedFault" in first.death
         with pytest.raises((RowFailed, ShuttingDown)):  # the dead engine, or the supervisor while it restarts
             first.submit(_long_request(tiny_runtime))
@@ -83,16 +89,7 @@ def test_the_supervisor_gives_up_after_failed_restarts(tiny_runtime, tmp_path, m
 
     sup = Supervisor(start, max_failures=2, poll_s=0.05, backoff_s=0.05, on_give_up=reasons.append)
 
-    async def kill():
-        job = sup.submit(_long_request(tiny_runtime))
-        tokens = job.tokens()
-        await tokens.__anext__()
-        fault.touch()
-        with pytest.raises(RowFailed):
-            async for _ in tokens:
-                pass
-
-    asyncio.run(kill())
+    asyncio.run(_kill_mid_answer(sup, tiny_runtime, fault))
     deadline = time.monotonic() + 10
     while not sup.gave_up:
         assert time.monotonic() < deadline
@@ -102,6 +99,28 @@ def test_the_supervisor_gives_up_after_failed_restarts(tiny_runtime, tmp_path, m
     with pytest.raises(ShuttingDown):
         asyncio.run(_submit(sup, tiny_runtime))
     sup.close()
+
+
+def test_a_shutdown_that_looks_like_a_death_starts_nothing(tiny_runtime, tmp_path, monkeypatch):
+    """SIGTERM reaches vLLM's engine process as it reaches the worker, so the engine can die just before the service
+    closes: the supervisor must not start an engine that nobody would ever close (an orphaned process)."""
+    fault = tmp_path / "fault"
+    monkeypatch.setenv(FAULT_FILE_ENV, str(fault))
+    starts = []
+
+    def start():
+        starts.append(Scheduler(tiny_runtime, 2, 2, threads=1))
+        return starts[-1]
+
+    sup = Supervisor(start, poll_s=0.05)
+
+    async def die_then_close():
+        await _kill_mid_answer(sup, tiny_runtime, fault)
+        sup.close()  # the service's own SIGTERM handler, a moment after the engine died
+
+    asyncio.run(die_then_close())
+    time.sleep(1.0)  # longer than the supervisor waits before restarting
+    assert len(starts) == 1 and sup.restarts == 0 and not any(s.alive() for s in starts)
 
 
 async def _submit(sup, rt):

@@ -173,8 +173,10 @@ class ChatService:
         self.engine: Engine = engine if engine is not None else build_engine(s, runtime)
         self.shares = KeyShares(self.engine.max_rows + self.engine.max_queue, s.key_share)
         self.invariance = self.engine.invariance()
-        log.info("decoding with %s (%d rows, %d waiting at most); batch-invariant: %s (%s)",
-                 type(self.engine).__name__, self.engine.max_rows, self.engine.max_queue,
+        inner = getattr(self.engine, "engine", self.engine)  # a Supervisor names the engine it watches
+        log.info("decoding with %s%s (%d rows, %d waiting at most); batch-invariant: %s (%s)", type(inner).__name__,
+                 ", restarted if it dies" if inner is not self.engine else "", self.engine.max_rows,
+                 self.engine.max_queue,
                  "yes" if self.invariance.batch_invariant else "NO", self.invariance.why)
         self.created = int(time.time())
 

@@ -111,6 +111,9 @@ class Supervisor:
             old.close()  # what is left of it: a dead vLLM engine's process is reaped here, so none is left behind
         except Exception as e:  # noqa: BLE001 - a half-dead engine may fail to close; the new one matters
             log.warning("closing the dead engine failed (%s: %s)", type(e).__name__, e)
+        # SIGTERM reaches vLLM's engine process as it reaches the worker, so a shutdown can look like a death for a
+        # moment: give the worker's own handler time to say it is closing before anything new is started
+        self._stop.wait(max(self.poll_s, 0.5))
         for attempt in range(1, self.max_failures + 1):
             if self._closing:
                 return
@@ -121,6 +124,9 @@ class Supervisor:
                 if attempt < self.max_failures:
                     self._stop.wait(self.backoff_s * attempt)
                 continue
+            if self._closing:  # the service began to shut down while it started: never leave it behind
+                fresh.close()
+                return
             stats = old.stats
             stats.rows_in_flight = 0
             fresh.stats = stats  # counts since the service started, not since this engine did
