@@ -18,7 +18,7 @@ import pytest
 
 from culign.model import GenerationRequest
 from culign.serving.engines import RowFailed, ShuttingDown, Supervisor
-from culign.serving.engines.scheduler import FAULT_FILE_ENV, Scheduler
+from culign.serving.engines.scheduler import FAULT_FILE_ENV, START_FAULT_FILE_ENV, Scheduler
 from reliability.harness import copy_registry, record, serve
 
 LONG = {"messages": [{"role": "user", "content": "Tell me a very long story about a ship."}], "max_tokens": 400}
@@ -245,6 +245,48 @@ def test_culign_decode_thread_dies_three_times_and_the_service_comes_back(tmp_pa
                CULIGN_MAX_TOKENS=400, **{FAULT_FILE_ENV: str(fault)}) as server:
         rows = _kill_three_times(server, "culign", fault.touch)
     record("engine-death", engine="culign", rows=rows)
+
+
+@pytest.mark.reliability_quick
+@pytest.mark.reliability
+def test_when_restarts_keep_failing_the_worker_exits_and_is_replaced(tmp_path):
+    """The engine dies and every restart fails (the start hook): /livez turns 503, the worker exits non-zero for its
+    supervisor (here BentoML's arbiter) to start a new one, which serves once starting works again."""
+    import psutil
+
+    fault, start_fault = tmp_path / "decode-fault", tmp_path / "start-fault"
+    with serve(tmp_path, copy_registry(tmp_path / "adapters", versions=(1,)), CULIGN_DTYPE="float32",
+               CULIGN_MAX_TOKENS=400, CULIGN_ENGINE_RESTART_ATTEMPTS=2,
+               **{FAULT_FILE_ENV: str(fault), START_FAULT_FILE_ENV: str(start_fault)}) as server:
+        worker = max(psutil.Process(server.proc.pid).children(recursive=True), key=lambda p: p.memory_info().rss)
+        results, threads = _in_flight(server.url, 1, 1)
+        time.sleep(1.5)
+        start_fault.touch()  # from now on no engine starts
+        fault.touch()  # and the running one dies
+        for t in threads:
+            t.join(HANG_S)
+        assert not any(t.is_alive() for t in threads) and all(_ended_cleanly(*r) for r in results), results
+        livez_503, deadline = False, time.monotonic() + 60
+        while worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE:
+            try:
+                livez_503 |= httpx.get(f"{server.url}/livez", timeout=5).status_code == 503
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the worker did not exit after its restarts failed"
+            time.sleep(0.1)
+        assert livez_503
+        log = server.log()
+        assert "restart 1 of 2 failed" in log and "exiting the worker (status 70)" in log
+        start_fault.unlink()  # starting works again: the arbiter's new worker comes up and serves
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if server.normal(timeout=30).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"no new worker served:\n{server.log()[-3000:]}"
+            time.sleep(0.5)
 
 
 @pytest.mark.reliability

@@ -41,6 +41,8 @@ COMPUTE_THREADS = torch.get_num_threads()  # torch's own choice, taken before th
 # Test hook: while this names a file, the decode thread raises at its next iteration once the file appears (and
 # removes it), so a live server's engine death can be caused on purpose (tests/test_engine_faults.py).
 FAULT_FILE_ENV = "CULIGN_TEST_DECODE_FAULT_FILE"
+# Test hook: while this names a file that exists, starting the engine fails (as a start with no memory left would)
+START_FAULT_FILE_ENV = "CULIGN_TEST_ENGINE_START_FAULT_FILE"
 
 
 class InjectedFault(BaseException):
@@ -62,6 +64,9 @@ class _WorkerBase:
     def __init__(self, runtime: Runtime, max_rows: int, max_queue: int, threads: int, grace: float, name: str):
         if max_rows < 1 or max_queue < 0:
             raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
+        start_fault = os.environ.get(START_FAULT_FILE_ENV)
+        if start_fault and os.path.exists(start_fault):
+            raise RuntimeError(f"engine start failed (injected through {START_FAULT_FILE_ENV})")
         self.runtime, self.max_rows, self.max_queue = runtime, max_rows, max_queue
         self.threads, self.grace = threads, grace
         self.stats = Stats()
