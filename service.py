@@ -236,15 +236,20 @@ class ApiKeyGuard:
         return await self.app(scope, receive, send)
 
 
+def _grant(request: Request) -> Grant | None:
+    """The caller's key's grant, put there by ApiKeyGuard (None: no API keys configured)."""
+    return request.scope.get("state", {}).get("culign_grant")
+
+
 def grant_of(request: Request):
     """The caller's region check (None: no API keys configured, everything allowed)."""
-    grant: Grant | None = request.scope.get("state", {}).get("culign_grant")
+    grant = _grant(request)
     return grant.allows if grant is not None else None
 
 
 def client_of(request: Request) -> str | None:
     """The caller's key id, for its share of the engine (None: no API keys configured)."""
-    grant: Grant | None = request.scope.get("state", {}).get("culign_grant")
+    grant = _grant(request)
     return grant.key_id if grant is not None else None
 
 

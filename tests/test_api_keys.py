@@ -189,12 +189,16 @@ def test_keyring_keeps_the_last_good_keys_and_reloads_a_fixed_file(tmp_path, cap
 
 def test_key_shares_bound_each_key_and_give_places_back():
     from culign.serving.admission import KeyShareExceeded, KeyShares
+    from culign.serving.engines import Stats
 
     shares = KeyShares(capacity=6, share=0.5)
     for _ in range(3):
         shares.take("a")
+    stats = Stats()
+    stats.record_step(1, 16)  # two steps: a rate to estimate from
+    stats.record_step(1, 16)
     with pytest.raises(KeyShareExceeded) as e:
-        shares.take("a", tokens_per_s=32.0)
+        shares.take("a", stats)
     assert e.value.retry_after >= 1 and "share" in str(e.value)
     shares.take("b")  # another key is still admitted
     shares.give_back("a")

@@ -11,6 +11,8 @@ import math
 import threading
 from collections import Counter
 
+from .engines.base import Stats
+
 __all__ = ["KeyShareExceeded", "KeyShares"]
 
 
@@ -35,13 +37,13 @@ class KeyShares:
         self._lock = threading.Lock()  # taken on the event loop, given back from the engine's thread
         self.refused = 0
 
-    def take(self, key: str, tokens_per_s: float = 0.0) -> None:
+    def take(self, key: str, stats: Stats | None = None) -> None:
+        """Take a place for ``key``, or raise KeyShareExceeded (its Retry-After from the engine's ``stats``)."""
         with self._lock:
             held = self._held[key]
             if held >= self.limit:
                 self.refused += 1
-                # its oldest request must end first: about one answer's time at the current rate
-                retry = 1 if tokens_per_s <= 0 else max(1, min(60, math.ceil(64 * held / tokens_per_s)))
+                retry = stats.retry_after(held) if stats is not None else 1
                 raise KeyShareExceeded(held, self.limit, self.capacity, retry)
             self._held[key] = held + 1
 

@@ -68,6 +68,10 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def key_ids(self) -> set[str]:
+        return {grant.key_id for _, grant in self._entries}
+
     @classmethod
     def load(cls, path: Path) -> "ApiKeys":
         try:
@@ -164,8 +168,7 @@ class KeyRing:
                     log.error("API keys file %s (%s) refused, keeping the %d keys in force: %s", self.path, why,
                               len(self.keys), e)
                 return False
-            old = {g.key_id for _, g in self.keys._entries}
-            new = {g.key_id for _, g in fresh._entries}
+            old, new = self.keys.key_ids, fresh.key_ids
             self.keys, self._signature = fresh, signature
             self.file_refused, self.last_error, self._refused_signature = False, None, None
             self.reloads += 1

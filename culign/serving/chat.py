@@ -275,7 +275,7 @@ class ChatService:
         client = prepared.client
         if client is not None:
             try:
-                self.shares.take(client, self.engine.stats.tokens_per_s())
+                self.shares.take(client, self.engine.stats)
             except KeyShareExceeded as e:
                 raise ServingError(429, str(e), kind="rate_limit_error",
                                    headers={"Retry-After": str(e.retry_after)}) from None

@@ -11,6 +11,7 @@ never blocks, and :class:`ShuttingDown` once closing. Two engines implement it: 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -131,6 +132,12 @@ class Stats:
         self.step_rows += rows
         self.tokens += tokens
         self._recent.append((time.monotonic(), tokens))
+
+    def retry_after(self, ahead: int, answer_tokens: int = 64) -> int:
+        """Seconds until ``ahead`` requests have been answered at the current rate (an answer being about
+        ``answer_tokens`` tokens): a rough, honest Retry-After hint, 1 to 60."""
+        rate = self.tokens_per_s()
+        return 1 if rate <= 0 else max(1, min(60, math.ceil(ahead * answer_tokens / rate)))
 
     def tokens_per_s(self, window: float = 10.0) -> float:
         now = time.monotonic()

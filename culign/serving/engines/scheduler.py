@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import queue
 import threading
@@ -94,19 +93,11 @@ class _WorkerBase:
                 raise RowFailed(f"generation failed: the decode thread stopped ({self.death})")
             if self._inbox.qsize() >= self.max_queue + max(0, self.max_rows - self.stats.rows_in_flight):
                 self.stats.rejected += 1
-                raise QueueFull(self._inbox.qsize(), self._retry_after())
+                raise QueueFull(self._inbox.qsize(), self.stats.retry_after(self._inbox.qsize()))
             job = Job(request, self.runtime.stop_ids, asyncio.get_running_loop(), label, region)
             self._inbox.put(job)
         self._wake.set()
         return job
-
-    def _retry_after(self) -> int:
-        # the queue drains at about (rows per step) / (seconds per row's answer); a rough, honest hint
-        rate = self.stats.tokens_per_s()
-        if rate <= 0:
-            return 1
-        per_request = 64  # tokens: a typical chat answer
-        return max(1, min(60, math.ceil(self._inbox.qsize() * per_request / rate)))
 
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped and self._closing_at is None

@@ -103,17 +103,13 @@ class VllmEngine:
         with self._lock:
             if len(self._active) >= self.max_rows + self.max_queue:
                 self.stats.rejected += 1
-                raise QueueFull(self.queued, self._retry_after())
+                raise QueueFull(self.queued, self.stats.retry_after(self.queued))
             job = VllmJob(request, self.runtime.stop_ids, asyncio.get_running_loop(), label, region)
             self._active.add(job)
             self.stats.rows_in_flight = min(len(self._active), self.max_rows)
         self.stats.requests_by_region[region or "base"] += 1
         job.task = asyncio.ensure_future(self._run(job))
         return job
-
-    def _retry_after(self) -> int:
-        rate = self.stats.tokens_per_s()
-        return 1 if rate <= 0 else max(1, min(60, round(self.queued * 64 / rate)))
 
     def invariance(self) -> Invariance:
         name = str(self.dtype).replace("torch.", "")
