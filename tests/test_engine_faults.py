@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +21,7 @@ import pytest
 from culign.model import GenerationRequest
 from culign.serving.engines import RowFailed, ShuttingDown, Supervisor
 from culign.serving.engines.scheduler import FAULT_FILE_ENV, START_FAULT_FILE_ENV, Scheduler
-from reliability.harness import copy_registry, record, serve
+from reliability.harness import REPO, copy_registry, record, serve
 
 LONG = {"messages": [{"role": "user", "content": "Tell me a very long story about a ship."}], "max_tokens": 400}
 HANG_S = 30  # far past any grace: a request still open this long after the death has hung
@@ -317,3 +319,33 @@ def _cold_start(server) -> float | None:
 
     m = re.search(r"vLLM engine up in ([0-9.]+) s", server.log())
     return float(m.group(1)) if m else None
+
+
+_WORKER = """
+import subprocess, sys, time
+from culign.serving.engines.reaper import start_reaper
+start_reaper()
+engine = subprocess.Popen(["sleep", "600"])  # stands in for vLLM's engine process: a child that never looks up
+print(engine.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_what_a_killed_worker_leaves_behind_is_reaped(tmp_path):
+    """A worker SIGKILLed (as the OOM killer would) while its engine process runs: the reaper it started kills the
+    engine process, which would otherwise run on forever re-parented to init."""
+    import psutil
+
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        engine = psutil.Process(int(worker.stdout.readline()))
+        time.sleep(1.5)  # the reaper polls every 0.5 s: it has seen the engine process
+        worker.send_signal(signal.SIGKILL)  # the worker dies without closing anything
+        worker.wait(10)
+        engine.wait(10)  # raises TimeoutExpired if nothing killed it
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

