@@ -165,3 +165,19 @@ def test_a_killed_conversion_is_never_used_and_the_next_one_completes(tmp_path):
     config = AutoConfig.from_pretrained(target)
     assert config.model_type == "qwen2" and config.hidden_size == 896
     assert AutoTokenizer.from_pretrained(target).chat_template
+
+
+def test_culign_models_lists_the_catalogue(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from culign.cli import main
+
+    monkeypatch.setenv("CULIGN_CACHE", str(tmp_path))  # nothing converted in an empty cache
+    out = CliRunner().invoke(main, ["models", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {r["id"]: r for r in json.loads(out.output)}
+    assert set(rows) == {m.id for m in catalogue().values()}
+    assert rows["embedded:SmolLM2-135M-Instruct"]["default"] and not any(r["converted"] for r in rows.values())
+    assert all(r["installed"] == _installed(catalogue()[r["id"].split(":", 1)[1]]) for r in rows.values())

@@ -11,7 +11,7 @@ import click
 
 from .. import __version__
 from .adapters import adapters_group, report_cmd
-from .info import presentations_cmd, regions_cmd
+from .info import models_cmd, presentations_cmd, regions_cmd
 from .measure import eval_cmd, validity_cmd
 from .train import train_cmd
 
@@ -30,7 +30,8 @@ def main(verbose: bool):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for command in (regions_cmd, presentations_cmd, validity_cmd, eval_cmd, train_cmd, report_cmd, adapters_group):
+for command in (regions_cmd, presentations_cmd, models_cmd, validity_cmd, eval_cmd, train_cmd, report_cmd,
+                adapters_group):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover

