@@ -25,7 +25,9 @@ def start_reaper() -> None:
     global _started
     if _started == os.getpid():
         return
-    subprocess.Popen([sys.executable, "-m", "culign.serving.engines.reaper", str(os.getpid())],
+    # run as a file, not `-m culign...`: importing the package would load torch (~240 MB) into a process that
+    # only watches pids (as a file: ~15 MB)
+    subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), str(os.getpid())],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
     _started = os.getpid()
 
