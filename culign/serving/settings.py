@@ -41,6 +41,9 @@ class ServiceSettings:
     device: str | None = None  # CULIGN_DEVICE (default: cuda if available, else cpu)
     dtype: str | None = None  # CULIGN_DTYPE: auto, bf16, fp16, fp32 (auto: bf16 where the hardware is fast at it)
     max_tokens: int = 512  # CULIGN_MAX_TOKENS: the largest max_tokens a request may ask for
+    max_context: int = 8192  # CULIGN_MAX_CONTEXT: the most tokens (prompt, soft prompt, answer) one request may hold,
+    # at most the model's own limit. Bounded because vLLM reserves KV room for one request of this length at start:
+    # Qwen2.5's own 32,768 needs 1.75 GiB in float32, more than the default CULIGN_VLLM_KV_GIB
     default_max_tokens: int = 128  # CULIGN_DEFAULT_MAX_TOKENS: when a request gives none
     rescan_seconds: float = 5.0  # CULIGN_RESCAN_SECONDS: how often the registry is listed again
     scheduler: str = "continuous"  # CULIGN_SCHEDULER: continuous (rows join every step) or static (the old design)
@@ -117,6 +120,7 @@ class ServiceSettings:
             raise SettingsError(str(e)) from None
         s = cls(adapters=where.registry, model=where.model, device=where.device, dtype=where.dtype,
                 max_tokens=number("CULIGN_MAX_TOKENS", int, d["max_tokens"], 1),
+                max_context=number("CULIGN_MAX_CONTEXT", int, d["max_context"], 64),
                 default_max_tokens=number("CULIGN_DEFAULT_MAX_TOKENS", int, d["default_max_tokens"], 1),
                 rescan_seconds=number("CULIGN_RESCAN_SECONDS", float, d["rescan_seconds"], 0.0),
                 scheduler=scheduler,

@@ -32,9 +32,13 @@ def load_runtime(settings: "ServiceSettings") -> "Runtime":
 
     torch.set_num_threads(1)
     if settings.engine == "vllm":
-        return Runtime.load(settings.model, device="cpu", dtype="float32")
-    return Runtime.load(settings.model, device=settings.device, dtype=settings.dtype,
-                        batch_invariant=settings.batch_invariant)
+        runtime = Runtime.load(settings.model, device="cpu", dtype="float32")
+    else:
+        runtime = Runtime.load(settings.model, device=settings.device, dtype=settings.dtype,
+                               batch_invariant=settings.batch_invariant)
+    # one context limit for both engines: what requests are checked against and what vLLM sizes its KV cache for
+    runtime.max_context = min(runtime.max_context, settings.max_context)
+    return runtime
 
 
 def build_engine(settings: "ServiceSettings", runtime: "Runtime") -> Engine:
