@@ -27,6 +27,7 @@ from .survey import Split, Survey, SurveyDataError
 from .targets import Target, UnknownRegionError, parse_custom, resolve
 from .trainer import TrainSettings
 from .validity import InvalidModelError, ValidityReport
+from .verdict import Verdict
 
 
 def load_model(model: str | None = None, *, device: str | None = None, dtype: str | None = None) -> Runtime:
@@ -228,6 +229,7 @@ class TrainResult:
     report: dict = field(repr=False)
     comparison: Comparison = field(repr=False)
     table_text: str = field(default="", repr=False)
+    verdict: Verdict | None = None  # the post-training verdict (culign.verdict), also in report["verdict"]
 
     def to_dict(self) -> dict:
         return {"adapter": self.adapter.to_dict(), "report": self.report}
@@ -240,12 +242,13 @@ class TrainResult:
 
 def _gate(rt: Runtime, survey: Survey, readout: str | None, force_invalid: bool, progress: bool, echo,
           presentations, split, train, heldout, validation, order_balanced: bool | None = None) -> tuple[Split, dict]:
-    """The validity check before training (culign.validity): the read-out that passes (or the forced one), its
-    split (both scale orders where ``order_balanced`` says so; None: where that read-out follows meaning and the
-    split is the default one), and how the run was gated, for the trainer's report and provenance. Raises
-    InvalidModelError."""
+    """The validity check before training (culign.validity): the read-out that passes, else one that follows meaning
+    with no cultural signal (with a warning: only the post-training verdict can call it an alignment), else the
+    forced one; its split (both scale orders where ``order_balanced`` says so; None: where that read-out follows
+    meaning and the split is the default one), and how the run was gated, for the trainer's report and provenance.
+    Raises InvalidModelError (validity.choose_readout)."""
     from .survey import READOUTS, both_orders
-    from .validity import choose_readout
+    from .validity import SLOPE_MIN, choose_readout
 
     _one_source(presentations, split, train, heldout, validation)
     readout = _readout_of(survey, readout, (split.train if split is not None else ()) or presentations or train)
@@ -268,6 +271,12 @@ def _gate(rt: Runtime, survey: Survey, readout: str | None, force_invalid: bool,
         why = "follows meaning" if order_balanced is None else "was asked for both orders"
         echo(f"the {chosen} read-out {why}: training on both scale orders ({len(sp.train)} presentations; "
              f"held-out families {', '.join(sp.heldout) or 'none'})")
+    if not forced and not reports[chosen].passes:  # follows meaning, no culture shown: trainable (validity.trainable)
+        echo(f"warning: the {chosen} read-out follows meaning (order slope {reports[chosen].order_slope:+.2f} >= "
+             f"{SLOPE_MIN}) but shows no cultural signal ({'; '.join(reports[chosen].reasons)}); training on it "
+             f"{'order-balanced' if balanced else 'in one scale order (your split, or --no-order-balanced)'}. "
+             "Only the post-training verdict can call the result an alignment (docs/method.md, \"The post-training "
+             "verdict\").")
     return sp, dict(readout=chosen, validity=summaries, forced_invalid=forced, order_balanced=balanced)
 
 
@@ -293,9 +302,11 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
     :func:`evaluate`.
 
     The model's validity check runs first (from the cache when there), for ``readout`` or, when None, for every
-    read-out: training uses the one that passes. A model that fails raises InvalidModelError unless
-    ``force_invalid``, and the adapter is then marked. ``order_balanced``: train on every presentation in both
-    scale orders (True), never (False), or where the read-out follows meaning and the split is the default (None);
+    read-out: training uses the one that passes, else one that follows meaning without a cultural signal (warned:
+    ``result.verdict``, the post-training verdict, says whether it is an alignment). A read-out that follows
+    position raises InvalidModelError unless ``force_invalid``, and the adapter is then marked.
+    ``order_balanced``: train on every presentation in both scale orders (True), never (False), or where the
+    read-out follows meaning and the split is the default (None);
     the ``order:`` held-out family then goes, the others keep their wordings and templates apart from training.
     ``echo`` receives the run's messages (default: printed when ``progress``). Raises ValueError for bad settings,
     RegistryError when the registry refuses."""
@@ -310,7 +321,7 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
     outcome = trainer.train(rt, survey, tgt, TrainSettings(search=cfg, split=sp), store,
                      checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume,
                      progress=progress, echo=echo, **gate)
-    return TrainResult(outcome.adapter, outcome.report, outcome.comparison, outcome.table)
+    return TrainResult(outcome.adapter, outcome.report, outcome.comparison, outcome.table, outcome.verdict)
 
 
 def train_regions(targets: Sequence[str | Target], *, model: str | None = None, device: str | None = None,
@@ -351,7 +362,7 @@ def train_regions(targets: Sequence[str | Target], *, model: str | None = None, 
 
 __all__ = [
     "load_model", "region", "custom_target", "make_split", "evaluate", "load_adapter", "check_validity", "train", "train_regions",
-    "open_registry", "ValidityReport", "InvalidModelError",
+    "open_registry", "ValidityReport", "InvalidModelError", "Verdict",
     "EvalResult", "TrainResult", "RegionResult", "Evaluation", "Comparison", "AdapterInfo", "LoadedAdapter",
     "Split", "Target", "Runtime",
     "ModelLoadError", "UnknownRegionError", "SurveyDataError", "RegistryError", "RegistryUnavailable",

@@ -66,6 +66,7 @@ class RegionResult:
     wall_s: float = 0.0
     attempts: int = 1
     interrupted: bool = False
+    verdict: str | None = None  # the adapter's post-training verdict (culign.verdict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -166,7 +167,7 @@ def run_region(job: RegionJob, report: Callable[[dict], None] | None = None, att
     return RegionResult(region, True, adapter=outcome.adapter.ref, adapter_path=str(outcome.adapter.path),
                         train_loss=r.get("train_loss"), heldout_loss=r.get("heldout_loss"),
                         gain_kept=r.get("gain_kept"), wall_s=time.perf_counter() - t0, attempts=attempt,
-                        interrupted=bool(r.get("interrupted")))
+                        interrupted=bool(r.get("interrupted")), verdict=r["verdict"]["verdict"])
 
 
 def _failure(region: str, error: BaseException | str, t0: float, attempts: int = 1) -> RegionResult:
@@ -381,12 +382,13 @@ def results_table(results: list[RegionResult]) -> str:
     def num(x, fmt="{:.2f}"):
         return fmt.format(x) if isinstance(x, (int, float)) else "-"
 
-    head = f"{'region':<8} {'status':<8} {'train L1':>8} {'held-out':>8} {'gain kept':>9} {'wall':>8} {'tries':>5}  adapter"
+    head = (f"{'region':<8} {'status':<8} {'train L1':>8} {'held-out':>8} {'gain kept':>9} {'wall':>8} {'tries':>5}  "
+            f"{'verdict':<34}adapter")
     rows = [head, "-" * len(head)]
     for r in results:
         status = "ok" if r.ok and not r.interrupted else ("cut" if r.ok else "FAILED")
         where = f"{r.adapter} -> {r.adapter_path}" if r.ok else (r.error or "")
         rows.append(f"{r.region:<8} {status:<8} {num(r.train_loss):>8} {num(r.heldout_loss):>8} "
-                    f"{num(r.gain_kept, '{:.0%}'):>9} {r.wall_s:>7.0f}s {r.attempts:>5}  {where}")
+                    f"{num(r.gain_kept, '{:.0%}'):>9} {r.wall_s:>7.0f}s {r.attempts:>5}  {r.verdict or '-':<34}{where}")
     return "\n".join(rows)
 

@@ -13,6 +13,7 @@ from typing import BinaryIO, Mapping, Sequence
 from .evaluation import Comparison, Evaluation
 from .survey import DIMENSIONS
 from .targets import Target
+from .verdict import NOT_JUDGED, judge
 
 # one colour and line style per row kind, the same in every plot
 STYLE = {"target": ("k", "-"), "naive": ("C0", "--"), "persona": ("C1", "-."), "adapter": ("C2", "-"),
@@ -87,6 +88,8 @@ def format_table(comparison: Comparison, seen_range: Mapping[str, Sequence[float
         slope = c.order_slope(r)
         if slope is not None:
             lines.append(f"{r.label} order slope {slope:+.2f}: {_order_reading(slope)}")
+        if c.split.heldout:
+            lines.append(f"{r.label} verdict: {judge(c, r).line()}")
     if seen_range:
         outside = []
         for d in DIMENSIONS:
@@ -241,9 +244,10 @@ def html_report(report: Mapping, comparison: Comparison, title: str | None = Non
            f", {e(str(report.get('dtype', '')))}; {len(c.split.train)} training, {len(c.split.validation_names)} "
            f"validation, {len(c.split.heldout_names)} held-out presentations</p>"]
     if report.get("forced_invalid"):
-        out.append("<div class=banner><b>Trained with --force-invalid:</b> no read-out of this model passed the "
-                   "validity check, so its answers are not known to carry a culture; this adapter's numbers are a "
+        out.append("<div class=banner><b>Trained with --force-invalid:</b> the read-out used follows position in "
+                   "the validity check, so its answers are not known to carry a culture; this adapter's numbers are a "
                    "pipeline check, not an alignment.</div>")
+    out.append(_verdict_html(report.get("verdict")))
     if report.get("validity"):
         out.append(f"<h2>Validity (read-out used: {e(str(report.get('readout', 'digit')))})</h2><pre>"
                    f"{e(format_validity(report['validity']))}</pre>")
@@ -330,7 +334,7 @@ def registry_html(entries: Sequence[tuple[str, Mapping, Comparison]], root: str)
     out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>culign registry {e(root)}</title>"
            f"<style>{_CSS}</style></head><body><h1>culign registry: {e(root)}</h1>",
            "<table><tr><th>adapter</th><th>target</th><th>train</th><th>held-out</th><th>naive held-out</th>"
-           "<th>gain kept</th><th>optimizer</th><th>training presentations</th><th></th></tr>"]
+           "<th>gain kept</th><th>verdict</th><th>optimizer</th><th>training presentations</th><th></th></tr>"]
     for ref, report, c in entries:
         row = c.rows[-1]
         kept = c.gain_kept(row)
@@ -338,13 +342,38 @@ def registry_html(entries: Sequence[tuple[str, Mapping, Comparison]], root: str)
                    f"<td>{row.train_loss:.2f}</td><td>{_cell(row.heldout_loss, '.2f')}</td>"
                    f"<td>{_cell(c.naive.heldout_loss, '.2f')}</td>"
                    f"<td>{'-' if kept is None else f'{100 * kept:.0f}%'}</td>"
-                   f"<td>{e(str(report.get('optimizer', 'de')))}</td><td>{len(c.split.train)}</td>"
+                   f"<td>{e(verdict_of(report))}</td><td>{e(str(report.get('optimizer', 'de')))}</td>"
+                   f"<td>{len(c.split.train)}</td>"
                    f"<td>{'<b>interrupted</b>' if report.get('interrupted') else ''}</td></tr>")
     out.append("</table>")
     for ref, report, c in entries:
         out.append(f"<h2 id='{e(ref)}'>{e(ref)}</h2>")
         out.append(_svg(lambda buf, c=c: radar_chart(c, buf, fmt="svg")))
     out.append("</body></html>")
+    return "\n".join(out)
+
+
+def verdict_of(report: Mapping) -> str:
+    """The post-training verdict a report (or provenance) recorded; "not judged" where it predates verdicts."""
+    v = report.get("verdict")
+    return v["verdict"] if isinstance(v, Mapping) and isinstance(v.get("verdict"), str) else NOT_JUDGED
+
+
+def _verdict_html(v: Mapping | None) -> str:
+    """The recorded verdict with its numbers: per held-out family the L1 gain over naive against the noise band."""
+    from html import escape as e
+
+    if not isinstance(v, Mapping):
+        return f"<h2>Verdict: {NOT_JUDGED}</h2><p class=muted>saved before culign judged adapters.</p>"
+    why = "; ".join(v.get("reasons") or [])
+    out = [f"<h2>Verdict: <span class={'ok' if v.get('aligned') else 'bad'}>{e(str(v.get('verdict')))}</span></h2>"
+           + (f"<p>{e(why)}</p>" if why else ""),
+           "<table><tr><th>held-out family</th><th>L1 gain over naive</th><th>noise band</th><th>shown</th></tr>"]
+    for fam, f in (v.get("families") or {}).items():
+        out.append(f"<tr><td>{e(fam)}</td><td>{_cell(f.get('gain'), '+.2f')}</td><td>{_cell(v.get('band'), '.2f')}"
+                   f"</td><td>{'yes' if f.get('shown') else 'no'}</td></tr>")
+    out.append(f"</table><p class=muted>order slope {_cell(v.get('order_slope'), '+.2f')}; thresholds "
+               f"{e(json.dumps(v.get('thresholds', {})))} (docs/method.md, \"The post-training verdict\").</p>")
     return "\n".join(out)
 
 

@@ -27,6 +27,7 @@ from .registry import AdapterInfo, Registry
 from .report import format_table, format_validity, report_files, row_summary
 from .survey import DEFAULT_CONSTANT, DEFAULT_SPLIT, DIMENSIONS, Split, Survey, persona_line
 from .targets import Target
+from .verdict import Verdict, judge
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainOutcome:
     table: str
     comparison: Comparison
     search: SearchResult
+    verdict: Verdict | None = None  # the post-training verdict (culign.verdict), also in report and provenance
 
 
 def _short(indices: dict[str, float]) -> str:
@@ -121,6 +123,7 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         adapter = evaluator.evaluate(Respondent("adapter", result.prompt), on_presentation=lambda _: bar.update())
         bar.close()
     comparison = Comparison(target, split, [naive, icl, adapter])
+    verdict = judge(comparison, adapter)
     wall = time.perf_counter() - t_start
     report = {
         **comparison.to_dict(), "model": rt.name, "dtype": str(rt.dtype).replace("torch.", ""),
@@ -136,14 +139,14 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         "resumed_from_generation": result.resumed_from,
         "search": cfg.to_dict(), "seed": cfg.seed, "index_range_seen": result.seen_range,
         "readout": readout, "validity": validity or {}, "forced_invalid": bool(forced_invalid),
-        "order_balanced": bool(order_balanced),
+        "order_balanced": bool(order_balanced), "verdict": verdict.to_dict(),
     }
     provenance = {
         **{k: report[k] for k in ("loss", "train_loss", "validation_loss", "heldout_loss", "heldout_by_family",
                                   "gain_kept", "naive_loss", "icl_loss", "naive_heldout_loss", "icl_heldout_loss",
                                   "option_mass", "evaluations", "presentation_evaluations", "seed", "search",
                                   "optimizer", "robust", "split", "persona", "constant", "interrupted", "readout",
-                                  "validity", "forced_invalid", "order_balanced")},
+                                  "validity", "forced_invalid", "order_balanced", "verdict")},
         "train_presentations": list(split.train), "heldout_presentations": split.heldout_names,
         "region": target.key, "target": target.to_dict(), "hidden_size": rt.hidden_size,
         "runtime_dtype": report["dtype"], "report": report, "init_text": cfg.init_text or persona,
@@ -163,6 +166,6 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         table += f"\n\nread-out: {readout}" + (" (trained on both scale orders)" if order_balanced else "") \
                  + "\n" + format_validity(validity)
     if forced_invalid:
-        table += ("\nTRAINED WITH --force-invalid: no read-out of this model passed the validity check; these numbers "
+        table += ("\nTRAINED WITH --force-invalid: the read-out used follows position (validity check); these numbers "
                   "check the pipeline, they are not an alignment.")
-    return TrainOutcome(info, report, table, comparison, result)
+    return TrainOutcome(info, report, table, comparison, result, verdict)

@@ -67,7 +67,8 @@ Indices = Mapping[str, Mapping[str, float]]  # presentation -> dimension -> inde
 
 
 class InvalidModelError(Exception):
-    """No read-out of this model passes the validity check (and training was not forced): ``reports`` says why."""
+    """No read-out of this model may be trained: each follows position (and training was not forced, see
+    :func:`trainable`): ``reports`` says why."""
 
     def __init__(self, reports: Mapping[str, "ValidityReport"], requested: str | None = None):
         self.reports = dict(reports)
@@ -394,24 +395,35 @@ def check(rt: Runtime, survey: Survey, readout: str, *, panel: Sequence[str] = P
     return ValidityReport.from_dict(data)
 
 
+def trainable(report: ValidityReport) -> bool:
+    """The gate, by what it can know before training: a read-out whose answers follow meaning (order slope >=
+    SLOPE_MIN) may be trained, culture shown or not; one that follows position may not. A persona line is not the
+    only way to show a culture, and DE may find what a one-line persona cannot; but a prompt's gain on a
+    position-following read-out can never carry meaning. Only the post-training verdict (culign.verdict) can call
+    what a "no cultural signal" read-out gives an alignment."""
+    return report.verdict != POSITION and report.follows_meaning
+
+
 def choose_readout(reports: Mapping[str, ValidityReport], requested: str | None = None, force: bool = False
                    ) -> tuple[str, bool]:
-    """The read-out training uses and whether it is forced (trained although it does not pass).
+    """The read-out training uses and whether it is forced (trained although it follows position).
 
-    ``requested``: that read-out, if it passes (or ``force``). None: the first read-out that passes, in
-    :data:`READOUTS` order; with none passing and ``force``, the one that at least follows meaning, else the first.
-    Raises InvalidModelError when nothing passes and ``force`` is off.
+    ``requested``: that read-out, if :func:`trainable` (or ``force``). None: the first read-out that passes, in
+    :data:`READOUTS` order, else the first that is trainable (follows meaning, no cultural signal shown: the caller
+    warns and trains it order-balanced), else with ``force`` the first. ``reports[r].passes`` tells the two
+    unforced cases apart. Raises InvalidModelError when nothing is trainable and ``force`` is off.
     """
     if requested is not None:
-        if reports[requested].passes:
+        if trainable(reports[requested]):
             return requested, False
         if force:
             return requested, True
         raise InvalidModelError({requested: reports[requested]}, requested)
-    for r in READOUTS:
-        if r in reports and reports[r].passes:
-            return r, False
+    ordered = [r for r in READOUTS if r in reports]
+    for ok in (lambda v: v.passes, trainable):
+        for r in ordered:
+            if ok(reports[r]):
+                return r, False
     if force:
-        meaning = [r for r in READOUTS if r in reports and reports[r].follows_meaning]
-        return (meaning or [r for r in READOUTS if r in reports])[0], True
+        return ordered[0], True
     raise InvalidModelError(reports)

@@ -90,11 +90,11 @@ def adapters_list(ctx, adapters_dir, as_json: bool):
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     kept = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
     click.echo(f"{'adapter':<12}{'tokens':>7}{'trained on':>11}{'train':>7}{'held-out':>10}{'kept':>6}  "
-               f"{'created':<26}base model")
+               f"{'verdict':<35}{'created':<26}base model")
     for i in infos:
         pres = "-" if i.train_presentations is None else f"{i.train_presentations} pres."
         click.echo(f"{i.ref:<12}{i.num_virtual_tokens:>7}{pres:>11}{fmt(i.loss):>7}{fmt(i.heldout_loss):>10}"
-                   f"{kept(i.gain_kept):>6}  {i.created:<26}{i.base_model}"
+                   f"{kept(i.gain_kept):>6}  {i.verdict:<35}{i.created:<26}{i.base_model}"
                    + ("  INTERRUPTED (best prompt so far)" if i.interrupted else "")
                    + ("  INVALID MODEL (trained with --force-invalid)" if i.forced_invalid else ""))
     if not infos:
@@ -132,6 +132,8 @@ def adapters_show(ctx, ref: str, adapters_dir, as_json: bool):
                 "interrupted", "readout", "forced_invalid", "weights_sha256"):
         if key in prov:
             click.echo(f"  {key:<26}{prov[key]}")
+    why = (prov["verdict"].get("reasons") or []) if isinstance(prov.get("verdict"), dict) else []
+    click.echo(f"  {'verdict':<26}{info.verdict}" + "".join(f"; {w}" for w in why))
     settings = prov.get("search") or prov.get("de")
     if settings:
         click.echo("  settings                  " + ", ".join(f"{k}={v}" for k, v in settings.items()))

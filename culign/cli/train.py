@@ -69,9 +69,9 @@ def _floats(text: str) -> tuple[float, float]:
 @readout_option("How answers are read: digit (the option symbol after the prefill) or label (each option's label "
                 "scored as the continuation; its own templates). Default: the read-out that passes the model's "
                 "validity check (`culign validity`), run first (from the cache when there).")
-@click.option("--force-invalid", is_flag=True, help="Train although no read-out passes the validity check (a "
-              "pipeline check, not an alignment): the adapter is marked so in its provenance, `adapters list`, "
-              "the report and /v1/models. Without it such a model stops the run with exit 2.")
+@click.option("--force-invalid", is_flag=True, help="Train although the read-out follows position in the validity "
+              "check (a pipeline check, not an alignment): the adapter is marked so in its provenance, `adapters "
+              "list`, the report and /v1/models. Without it such a read-out stops the run with exit 2.")
 @click.option("--order-balanced/--no-order-balanced", default=None, help="Train on every presentation in both "
               "scale orders (the order:desc held-out family then goes; wordings and templates stay held out). "
               "Default: where the read-out follows meaning and the split is the default one.")
@@ -109,10 +109,13 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
 
     \b
     Before anything is trained, the model's validity check (`culign validity`) runs for the read-out (or for both,
-    without --readout; from the cache when there). Training uses the read-out that passes; where that read-out
-    follows meaning (order slope >= 0.5) and the split is the default one, it trains on both scale orders
-    (held-out families stay disjoint; --order-balanced / --no-order-balanced decide it yourself). When none
-    passes, the run stops with the numbers and exit 2, unless --force-invalid.
+    without --readout; from the cache when there). Training uses the read-out that passes, else one that follows
+    meaning but shows no cultural signal (with a warning: only the post-training verdict can call the result an
+    alignment); where that read-out follows meaning (order slope >= 0.5) and the split is the default one, it
+    trains on both scale orders (held-out families stay disjoint; --order-balanced / --no-order-balanced decide it
+    yourself). When every read-out follows position, the run stops with the numbers and exit 2, unless
+    --force-invalid. After training, every adapter gets a verdict (docs/method.md, "The post-training verdict"):
+    aligned on held-out presentations, gain not shown, follows position, or not judged.
 
     With --regions, every region is trained as its own Ray task (the same training, one region per task, on a
     local Ray started on demand or the cluster at --ray-address): one live line per region, then a table.
@@ -157,10 +160,10 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
         rt = load_runtime(model, device, dtype)
         outcome = api.train(target, model=rt, registry=registry, checkpoint_dir=checkpoint_dir, **common)
     except InvalidModelError as e:
-        raise Refused(f"{e}.\n{validity_text(e.reports)}\nThe model's answers do not follow meaning and culture "
-                       "well enough for an alignment to mean anything (docs/method.md: \"Is the model's answer "
-                       "valid?\"). To run the pipeline anyway, add --force-invalid: the adapter is then marked as "
-                       "trained on an invalid model.") from None
+        raise Refused(f"{e}.\n{validity_text(e.reports)}\nThe model's answers follow the option's position, not its "
+                       "meaning, so no prompt's gain on them can carry a culture (docs/method.md: \"Is the model's "
+                       "answer valid?\"). To run the pipeline anyway, add --force-invalid: the adapter is then marked "
+                       "as trained on an invalid model.") from None
     except (ValueError, RegistryError, ModelLoadError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:  # before the search began (or after it, while saving): nothing half-written is kept

@@ -122,6 +122,8 @@ class AdapterInfo:
     interrupted: bool = False  # saved from a search stopped before its budget was spent
     readout: str = "digit"  # how answers were read in training (culign.validity, survey.READOUTS)
     forced_invalid: bool = False  # trained with --force-invalid: no read-out of its model passed the validity check
+    verdict: str = "not judged"  # the post-training verdict (culign.verdict, which this layer may not import: its
+    # NOT_JUDGED words, tested equal) from provenance; "not judged" for adapters saved before verdicts existed
 
     @classmethod
     def unreadable(cls, region: str, version: int, path: Path) -> "AdapterInfo":
@@ -139,7 +141,8 @@ class AdapterInfo:
                 "num_virtual_tokens": self.num_virtual_tokens, "token_dim": self.token_dim,
                 "created": self.created, "loss": self.loss, "heldout_loss": self.heldout_loss,
                 "gain_kept": self.gain_kept, "train_presentations": self.train_presentations,
-                "interrupted": self.interrupted, "readout": self.readout, "forced_invalid": self.forced_invalid}
+                "interrupted": self.interrupted, "readout": self.readout, "forced_invalid": self.forced_invalid,
+                "verdict": self.verdict}
 
 
 @dataclass(frozen=True)
@@ -376,8 +379,13 @@ def read_info(region: str, version: int, path: Path) -> tuple[AdapterInfo, dict]
         else None,
         interrupted=prov.get("interrupted") is True,
         readout=prov.get("readout") if isinstance(prov.get("readout"), str) else "digit",
-        forced_invalid=prov.get("forced_invalid") is True)
+        forced_invalid=prov.get("forced_invalid") is True, verdict=_verdict(prov))
     return info, prov
+
+
+def _verdict(prov: dict) -> str:
+    v = prov.get("verdict")
+    return v["verdict"] if isinstance(v, dict) and isinstance(v.get("verdict"), str) else AdapterInfo.verdict
 
 
 def read_weights(info: AdapterInfo, expected_sha256: str) -> torch.Tensor:

@@ -167,6 +167,12 @@ class AdapterCache:
         with self._lock:
             return [v for v, info in sorted(self._infos.get(region, {}).items()) if info.forced_invalid]
 
+    def verdicts(self, region: str) -> dict[int, str]:
+        """Version -> its post-training verdict (culign.verdict; "not judged" before verdicts existed), from the
+        last scan's provenance; no rescan, like :meth:`forced_invalid`."""
+        with self._lock:
+            return {v: info.verdict for v, info in sorted(self._infos.get(region, {}).items())}
+
     def _canonical(self, name: str) -> str | None:
         """The registry's own spelling of a region: its name case-insensitively, else the CLI's alias lookup."""
         by_lower = {r.lower(): r for r in [*self._unlisted, *self._infos]}

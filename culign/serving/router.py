@@ -109,8 +109,11 @@ class RegionRouter:
                          "region": None, **serving})
         for region, versions in available.items():
             if versions and (allow is None or allow(region)):
+                verdicts = self.adapters.verdicts(region)  # the post-training verdict of each version, from provenance
                 data.append({"id": region, "object": "model", "created": created, "owned_by": "culign",
                              "root": self.base_name, "parent": self.base_name, "region": region,
                              "latest_version": versions[-1], "versions": versions,
-                             "forced_invalid_versions": self.adapters.forced_invalid(region), **serving})
+                             "forced_invalid_versions": self.adapters.forced_invalid(region),
+                             "verdict": verdicts.get(versions[-1]),
+                             "verdicts": {str(v): verdicts[v] for v in versions if v in verdicts}, **serving})
         return data
