@@ -78,8 +78,9 @@ class Server:
 
 
 @contextmanager
-def serve(workdir: Path, registry: Path, **env_overrides):
-    """The real server over ``registry``; yields a :class:`Server`; stops its whole session at the end."""
+def serve(workdir: Path, registry: Path, ready_timeout: float = 300, **env_overrides):
+    """The real server over ``registry``; yields a :class:`Server`; stops its whole session at the end.
+    ``ready_timeout``: seconds to wait for /readyz (a bigger model on a busy machine needs more)."""
     port = free_port()
     env = {**os.environ, "CULIGN_ADAPTERS": str(registry), "CULIGN_MAX_TOKENS": str(CAP),
            "CULIGN_RESCAN_SECONDS": "1", "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
@@ -92,7 +93,7 @@ def serve(workdir: Path, registry: Path, **env_overrides):
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -102,7 +103,7 @@ def serve(workdir: Path, registry: Path, **env_overrides):
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after 300 s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"server not ready after {ready_timeout:.0f} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield Server(url, proc, log, registry)
     finally:

@@ -40,7 +40,9 @@ def test_it_serves_regions_on_both_engines(tmp_path, registry_root, engine):
     if engine == "vllm":
         from conftest import need_vllm
         need_vllm()
-    with serve(tmp_path, registry_root, CULIGN_MODEL=QWEN, CULIGN_ENGINE=engine, CULIGN_MAX_ROWS=2) as srv:
+    # 1.5B weights: vLLM on one core took over 300 s to start while other jobs ran (CI, 2026-12-06); ~2 min alone
+    with serve(tmp_path, registry_root, ready_timeout=900, CULIGN_MODEL=QWEN, CULIGN_ENGINE=engine,
+               CULIGN_MAX_ROWS=2) as srv:
         models = httpx.get(f"{srv.url}/v1/models", timeout=60).json()
         assert models["engine"]["name"] == engine
         assert "US" in {m["id"] for m in models["data"]}
