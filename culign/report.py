@@ -13,6 +13,7 @@ from typing import BinaryIO, Mapping, Sequence
 from .evaluation import Comparison, Evaluation
 from .survey import DIMENSIONS
 from .targets import Target
+from .registry.format import verdict_of
 from .verdict import NOT_JUDGED, judge
 
 # one colour and line style per row kind, the same in every plot
@@ -351,12 +352,6 @@ def registry_html(entries: Sequence[tuple[str, Mapping, Comparison]], root: str)
         out.append(_svg(lambda buf, c=c: radar_chart(c, buf, fmt="svg")))
     out.append("</body></html>")
     return "\n".join(out)
-
-
-def verdict_of(report: Mapping) -> str:
-    """The post-training verdict a report (or provenance) recorded; "not judged" where it predates verdicts."""
-    v = report.get("verdict")
-    return v["verdict"] if isinstance(v, Mapping) and isinstance(v.get("verdict"), str) else NOT_JUDGED
 
 
 def _verdict_html(v: Mapping | None) -> str:

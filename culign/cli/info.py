@@ -77,21 +77,12 @@ def models_cmd(as_json: bool):
 
     Outputs: a table (or JSON) on stdout.
     """
-    from ..defaults import cache_root
-    from ..model.embedded import ModelLoadError, catalogue, part_paths
+    from ..model.embedded import cached_dir, catalogue, installed
 
-    rows = []
-    for m in catalogue().values():
-        try:
-            part_paths(m)
-            installed = True
-        except ModelLoadError:
-            installed = False
-        folder = cache_root() / "models" / f"{m.name}-bf16"
-        rows.append({"id": m.id, "default": m.default, "installed": installed,
-                     "converted": (folder / "config.json").exists(), "folder": str(folder),
-                     "gguf_mib": round(m.size / 2**20), "parts": len(m.parts), "licence": m.licence,
-                     "origin": m.origin, "install": m.install_hint()})
+    rows = [{"id": m.id, "default": m.default, "installed": installed(m),
+             "converted": (cached_dir(m) / "config.json").exists(), "folder": str(cached_dir(m)),
+             "gguf_mib": round(m.size / 2**20), "parts": len(m.parts), "licence": m.licence, "origin": m.origin,
+             "install": m.install_hint()} for m in catalogue().values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

