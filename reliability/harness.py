@@ -33,6 +33,19 @@ def copy_registry(root: Path, versions=(1, 2)) -> Path:
     return root
 
 
+def failure_excerpt(log: Path, tail: int = 3000) -> str:
+    """What a failed start printed: its first traceback or error line onwards (the root cause, which a restarting
+    worker pushes out of the tail), then the tail."""
+    text = log.read_text(errors="replace")
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines)
+                  if "Traceback (most recent call last)" in line or "[ERROR]" in line or " ERROR " in line), None)
+    head = "" if first is None else "\n".join(lines[max(first - 5, 0):first + 60])
+    if head and head in text[-tail:]:
+        head = ""
+    return (f"--- first error ---\n{head}\n--- last {tail} characters ---\n" if head else "") + text[-tail:]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,14 +109,14 @@ def serve(workdir: Path, registry: Path, ready_timeout: float = 300, **env_overr
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{failure_excerpt(log)}")
             try:
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {ready_timeout:.0f} s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"server not ready after {ready_timeout:.0f} s:\n{failure_excerpt(log)}")
             time.sleep(0.5)
         yield Server(url, proc, log, registry)
     finally:

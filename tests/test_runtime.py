@@ -200,3 +200,34 @@ def test_a_tiny_temperature_samples_like_greedy(tiny_runtime):
     ids = tiny_runtime.tokenizer("abc", add_special_tokens=False)["input_ids"]
     sampled = decoding.generate(tiny_runtime, [GenerationRequest(ids, temperature=1e-40, seed=3, max_new_tokens=4)])[0]
     assert sampled == decoding.generate(tiny_runtime, [GenerationRequest(ids, max_new_tokens=4)])[0]
+
+
+def test_vllm_side_runtime_is_held_in_the_checkpoints_dtype(real_runtime, tmp_path):
+    """Beside vLLM the worker only embeds and fingerprints: it holds the embedded model in its stored bf16 (half of a
+    float32 copy), its embeddings upcast to exactly the float32 runtime's, its fingerprint is the same, and the
+    adapters it hands to vLLM stay float32."""
+    from culign.model.loading import stored_dtype
+    from culign.registry import Registry
+    from culign.serving.adapter_cache import AdapterCache
+    from culign.serving.engines import load_runtime
+    from culign.serving.settings import ServiceSettings
+
+    assert stored_dtype(None) == torch.bfloat16
+    threads = torch.get_num_threads()
+    try:
+        side = load_runtime(ServiceSettings(adapters=tmp_path, engine="vllm"))
+    finally:
+        torch.set_num_threads(threads)  # it loads on one thread (see its docstring)
+    assert side.dtype == torch.bfloat16 and side.fingerprint == real_runtime.fingerprint
+    ids = torch.arange(0, 2000, 7)
+    with torch.inference_mode():
+        embed = side.model.get_input_embeddings()(ids).float()
+        assert torch.equal(embed, real_runtime.model.get_input_embeddings()(ids))
+    prompt = torch.randn(4, side.hidden_size)
+    Registry(tmp_path).save("US", prompt, base_model=side.name, base_fingerprint=side.fingerprint,
+                            provenance={"seed": 0})
+    cache = AdapterCache(Registry(tmp_path), side, prompt_dtype=torch.float32)
+    from culign.regions import RegionSpec
+
+    adapter = cache.lookup(RegionSpec("US"))
+    assert adapter.prompt.dtype == torch.float32 and torch.equal(adapter.prompt, prompt)

@@ -41,6 +41,22 @@ def model_source(model: str | None = None) -> tuple[Path | str, str]:
     return model, model
 
 
+def stored_dtype(model: str | None = None) -> torch.dtype:
+    """The dtype a model's checkpoint holds its weights in (its config's ``torch_dtype``; float32 when it does not
+    say). Loading in it copies nothing and upcasting from it is exact: the embedded models are stored in bf16."""
+    from transformers import AutoConfig
+
+    path, _ = model_source(model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model {model!r}: {e}") from e
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A cheap, dtype-independent fingerprint of the weights: names, shapes and a strided sample of values.
 

@@ -71,8 +71,12 @@ class AdapterCache:
     disk differ, and the verified copy in memory keeps being served until the registry lists a good version.
     """
 
-    def __init__(self, registry: AdapterRegistry, runtime: Runtime, rescan_every: float = 5.0, max_loaded: int = 256):
+    def __init__(self, registry: AdapterRegistry, runtime: Runtime, rescan_every: float = 5.0, max_loaded: int = 256,
+                 prompt_dtype: torch.dtype | None = None):
         self.registry, self.runtime = registry, runtime
+        # what a loaded soft prompt is cast to: the dtype the engine computes in (the runtime's, unless it only
+        # embeds for another engine: vLLM's prompts are handed over in float32)
+        self.prompt_dtype = prompt_dtype or runtime.dtype
         self.rescan_every, self.max_loaded = rescan_every, max_loaded
         self._lock = threading.RLock()
         self._infos: dict[str, dict[int, AdapterInfo]] = {}  # region -> version -> info, from the last scan
@@ -237,7 +241,7 @@ class AdapterCache:
             self._refused[info] = str(e)
             self._warn_once(f"refused:{info}", "refusing adapter %s: %s", info.ref, e)
             return None
-        adapter = Adapter(loaded.info, loaded.prompt.to(self.runtime.device, self.runtime.dtype), stamp)
+        adapter = Adapter(loaded.info, loaded.prompt.to(self.runtime.device, self.prompt_dtype), stamp)
         self._loaded[info] = adapter
         if len(self._loaded) > self.max_loaded:
             self._loaded.popitem(last=False)

@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
+import torch
+
 from ..model.decoding import GenerationRequest, Token
 from ..model.runtime import Runtime
 from ..registry import AdapterRegistry
@@ -168,7 +170,8 @@ class ChatService:
                  engine: Engine | None = None):
         self.runtime = runtime
         self.settings = s = settings or ServiceSettings(adapters=registry.root)
-        self.adapters = AdapterCache(registry, runtime, s.rescan_seconds)
+        self.adapters = AdapterCache(registry, runtime, s.rescan_seconds,
+                                     prompt_dtype=torch.float32 if s.engine == "vllm" else None)
         self.router = RegionRouter(self.adapters, runtime.name)
         self.engine: Engine = engine if engine is not None else build_engine(s, runtime)
         self.shares = KeyShares(self.engine.max_rows + self.engine.max_queue, s.key_share)

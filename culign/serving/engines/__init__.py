@@ -20,8 +20,9 @@ __all__ = ["Engine", "EngineRestarting", "Invariance", "Job", "QueueFull", "RowF
 
 def load_runtime(settings: "ServiceSettings") -> "Runtime":
     """The model the service holds, loaded once. For culign's engine it is the one that decodes (on the settings'
-    device and dtype); for vLLM it stays on the CPU in float32: it turns token ids into embeddings for vLLM and
-    fingerprints the weights that adapters are checked against, while vLLM holds the copy that decodes.
+    device and dtype); for vLLM it stays on the CPU in the checkpoint's dtype: it turns token ids into embeddings
+    (upcast to float32) for vLLM and fingerprints the weights that adapters are checked against, while vLLM holds
+    the copy that decodes.
 
     Loaded on one thread: torch's OpenMP (libgomp) throttles its spin-waiting once more OpenMP threads exist than
     cores. A loading thread that kept a team of its own would push the decode worker's team over that line, and a
@@ -32,7 +33,11 @@ def load_runtime(settings: "ServiceSettings") -> "Runtime":
 
     torch.set_num_threads(1)
     if settings.engine == "vllm":
-        runtime = Runtime.load(settings.model, device="cpu", dtype="float32")
+        from ...model.loading import stored_dtype
+
+        # in the checkpoint's own dtype: embedding rows upcast exactly, and the fingerprint is dtype-independent;
+        # a float32 copy of bf16 weights would double this worker's memory beside vLLM's own copy (1.5B: 6.2 GB)
+        runtime = Runtime.load(settings.model, device="cpu", dtype=stored_dtype(settings.model))
     else:
         runtime = Runtime.load(settings.model, device=settings.device, dtype=settings.dtype,
                                batch_invariant=settings.batch_invariant)
