@@ -18,6 +18,7 @@ from . import defaults, trainer
 from .defaults import DEFAULT_REGISTRY  # noqa: F401  (public: where train saves by default)
 from .evaluation import Comparison, Evaluation, Evaluator, Respondent
 from .fanout import FanoutError, RegionJob, RegionResult, fan_out
+from .fidelity import PrecisionRefused, choose as choose_precision
 from .model import ModelLoadError, Runtime
 from .optimize import SearchConfig
 from .progress import bar as _bar
@@ -295,7 +296,8 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
           heldout: Sequence[str] = (), validation: Sequence[str] | None = None,
           wording_files: Sequence[str | Path] = (), checkpoint_dir: str | Path | None = None, resume: bool = False,
           progress: bool = False, echo=None, readout: str | None = None, force_invalid: bool = False,
-          order_balanced: bool | None = None, search: SearchConfig | None = None, **search_fields) -> TrainResult:
+          order_balanced: bool | None = None, search: SearchConfig | None = None, search_precision: str | None = None,
+          force_search_precision: bool = False, **search_fields) -> TrainResult:
     """Train one region's soft prompt (`culign train --region`) and publish it to ``registry`` (a folder, an
     ``s3://`` URL or a registry object; default: $CULIGN_ADAPTERS, else runs/adapters). The search: ``search=SearchConfig(...)`` or its
     fields as keywords (budget, popsize, tokens, dim, seed, optimizer, max_seconds, ...). The split: as in
@@ -309,7 +311,11 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
     read-out follows meaning and the split is the default (None);
     the ``order:`` held-out family then goes, the others keep their wordings and templates apart from training.
     ``echo`` receives the run's messages (default: printed when ``progress``). Raises ValueError for bad settings,
-    RegistryError when the registry refuses."""
+    RegistryError when the registry refuses.
+
+    ``search_precision``: what the search scores candidates in (None: $CULIGN_SEARCH_PRECISION, else ``auto``, the
+    fastest precision that passes the fidelity check on this CPU; culign.fidelity). Everything reported is float32.
+    A named precision that fails the check raises PrecisionRefused (a ValueError) unless ``force_search_precision``."""
     echo = echo or (print if progress else _quiet)
     tgt = _target(target)
     cfg = _search(search, search_fields)
@@ -318,7 +324,9 @@ def train(target: str | Target, *, model: str | Runtime | None = None, registry=
     survey = Survey.load(wording_files=wording_files)
     sp, gate = _gate(rt, survey, readout, force_invalid, progress, echo, presentations, split, train, heldout,
                      validation, order_balanced)
-    outcome = trainer.train(rt, survey, tgt, TrainSettings(search=cfg, split=sp), store,
+    settings = TrainSettings(search=cfg, split=sp, force_search_precision=force_search_precision,
+                             search_precision=defaults.resolve(search_precision=search_precision).search_precision)
+    outcome = trainer.train(rt, survey, tgt, settings, store,
                      checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume,
                      progress=progress, echo=echo, **gate)
     return TrainResult(outcome.adapter, outcome.report, outcome.comparison, outcome.table, outcome.verdict)
@@ -332,24 +340,29 @@ def train_regions(targets: Sequence[str | Target], *, model: str | None = None, 
                   cpus_per_region: float = 1, gpus_per_region: float = 0, progress: bool = False, echo=None,
                   on_update=None, readout: str | None = None, force_invalid: bool = False,
                   order_balanced: bool | None = None, search: SearchConfig | None = None,
+                  search_precision: str | None = None, force_search_precision: bool = False,
                   **search_fields) -> list[RegionResult]:
     """Many regions, one Ray task each (`culign train --regions`); one RegionResult per region, failures included.
     The validity check gates the run once, here, before the regions fan out (InvalidModelError as in
     :func:`train`); each task loads its own copy of ``model``. ``on_update(region, progress)``: live progress.
-    Raises FanoutError when Ray is missing or the cluster cannot be reached."""
+    Raises FanoutError when Ray is missing or the cluster cannot be reached. The search precision (as in
+    :func:`train`) is decided once, here, on this machine's CPU, and every region's search uses it."""
     from .fanout import check_address
 
     echo = echo or (print if progress else _quiet)
     tgts = [_target(t) for t in targets]
     cfg = _search(search, search_fields)
     check_address(ray_address)  # before the model and the check: a bad address costs nothing
-    where = defaults.resolve(model=model, registry=registry, device=device, dtype=dtype)
+    where = defaults.resolve(model=model, registry=registry, device=device, dtype=dtype,
+                             search_precision=search_precision)
     survey = Survey.load(wording_files=wording_files)
     rt = Runtime.load(where.model, device=where.device, dtype=where.dtype, scoring=True)
     sp, gate = _gate(rt, survey, readout, force_invalid, progress, echo, presentations, split, train, heldout,
                      validation, order_balanced)
+    choice = choose_precision(rt, survey, where.search_precision, sp.train, cfg, force=force_search_precision,
+                              progress=progress, echo=echo)
     del rt  # the tasks load their own
-    settings = TrainSettings(search=cfg, split=sp)
+    settings = TrainSettings(search=cfg, split=sp, search_precision=choice)
     echo(f"training {len(tgts)} regions on Ray ({cpus_per_region:g} CPU, {gpus_per_region:g} GPU each): "
          + ", ".join(t.key for t in tgts))
     absolute = lambda p: p if "://" in str(p) else str(Path(p).resolve())  # noqa: E731  workers have other cwds
@@ -366,5 +379,5 @@ __all__ = [
     "EvalResult", "TrainResult", "RegionResult", "Evaluation", "Comparison", "AdapterInfo", "LoadedAdapter",
     "Split", "Target", "Runtime",
     "ModelLoadError", "UnknownRegionError", "SurveyDataError", "RegistryError", "RegistryUnavailable",
-    "AdapterNotFound", "AdapterCorrupt", "AdapterIncompatible", "FanoutError",
+    "AdapterNotFound", "AdapterCorrupt", "AdapterIncompatible", "FanoutError", "PrecisionRefused",
 ]

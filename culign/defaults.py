@@ -2,9 +2,9 @@
 
 This is the one place that reads culign's environment for them (``CULIGN_MODEL``, ``CULIGN_ADAPTERS``,
 ``CULIGN_CACHE`` / ``XDG_CACHE_HOME``, ``CULIGN_DEVICE``, ``CULIGN_DTYPE``, ``CULIGN_ANSWER_CACHE``,
-``CULIGN_SCORE_BLOCK``). The CLI, the Python API, the service's settings and the fan-out all call
-:func:`resolve`, so `culign eval`, ``culign.evaluate()`` and the server pick the same model and registry. What is
-given explicitly wins over the environment, which wins over the built-in default.
+``CULIGN_SCORE_BLOCK``, ``CULIGN_SEARCH_PRECISION``). The CLI, the Python API, the service's settings and the
+fan-out all call :func:`resolve`, so `culign eval`, ``culign.evaluate()`` and the server pick the same model and
+registry. What is given explicitly wins over the environment, which wins over the built-in default.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class Defaults:
     dtype: str | None  # None: auto (float32 for scoring; bf16 for generation where the hardware is fast at it)
     answer_cache: bool = True  # the on-disk cache of the bare model's answers (CULIGN_ANSWER_CACHE=0: off)
     score_block: int | None = None  # candidates per scoring forward (CULIGN_SCORE_BLOCK; None: the model's default)
+    search_precision: str = "auto"  # what training's search scores candidates in (culign.fidelity): auto, fp32, ...
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -43,8 +44,8 @@ def registry_location(text: str | Path) -> str | Path:
 
 
 def resolve(*, model: str | None = None, registry: str | Path | None = None, device: str | None = None,
-            dtype: str | None = None, registry_fallback: str | Path = DEFAULT_REGISTRY,
-            env: Mapping[str, str] | None = None) -> Defaults:
+            dtype: str | None = None, search_precision: str | None = None,
+            registry_fallback: str | Path = DEFAULT_REGISTRY, env: Mapping[str, str] | None = None) -> Defaults:
     """The settings a command runs with: each explicit argument, else its environment variable, else the default.
 
     ``registry_fallback``: the registry when neither is given (the CLI and API: ./runs/adapters; the service:
@@ -68,7 +69,8 @@ def resolve(*, model: str | None = None, registry: str | Path | None = None, dev
         device=device or _get(env, "CULIGN_DEVICE"),
         dtype=dtype or _get(env, "CULIGN_DTYPE"),
         answer_cache=(env.get("CULIGN_ANSWER_CACHE", "1").strip().lower() not in _OFF),
-        score_block=score_block)
+        score_block=score_block,
+        search_precision=(search_precision or _get(env, "CULIGN_SEARCH_PRECISION") or "auto").lower())
 
 
 def cache_root(env: Mapping[str, str] | None = None) -> Path:

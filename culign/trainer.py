@@ -19,12 +19,15 @@ import torch
 from . import __version__
 from .defaults import cache_root
 from .evaluation import Comparison, Evaluation, Evaluator, MassGuard, Respondent, Robust
+from .fidelity import Choice, choose
 from .model.hardware import cpu_capability
+from .model.precision import search_runtime
 from .model.runtime import Runtime
 from .optimize import PromptSpace, RobustObjective, SearchConfig, SearchResult, initial_prompt, run_search
 from .progress import bar as progress_bar
 from .registry import AdapterInfo, Registry
 from .report import format_table, format_validity, report_files, row_summary
+from .scorer import SurveyScorer
 from .survey import DEFAULT_CONSTANT, DEFAULT_SPLIT, DIMENSIONS, Split, Survey, persona_line
 from .targets import Target
 from .verdict import Verdict, judge
@@ -35,6 +38,10 @@ class TrainSettings:
     search: SearchConfig = field(default_factory=SearchConfig)
     split: Split = DEFAULT_SPLIT
     constant: float = DEFAULT_CONSTANT
+    # what the search scores candidates in (culign.fidelity): fp32 (the reference), bf16, int8, auto, or a Choice made
+    # already (the fan-out decides once for all regions). Baselines and every number reported stay float32.
+    search_precision: str | Choice = "fp32"
+    force_search_precision: bool = False  # a named precision although it fails the fidelity check
 
     def __post_init__(self):
         if not self.split.train:
@@ -76,6 +83,10 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     persona = persona_line(target.display_name)
     evaluator = Evaluator(rt, survey, target, split, settings.constant)
     names = split.all_names
+    choice = settings.search_precision  # decided first: a refused precision costs no baselines
+    if not isinstance(choice, Choice):
+        choice = choose(rt, survey, choice, split.train, cfg, force=settings.force_search_precision,
+                        progress=progress, echo=echo)
 
     # 1. baselines on every presentation of the split (train, validation, held-out)
     bar = progress_bar(2 * len(names), "baselines (naive, persona)", "presentation", progress)
@@ -90,12 +101,13 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     guard = MassGuard({n: s.option_mass for n, s in naive.scores.items()}, cfg.mass_floor, cfg.mass_weight)
     p0 = initial_prompt(rt, cfg, persona)
     space = PromptSpace(p0, cfg, float(rt.embedding_matrix.detach().float().std()))
-    scorer = evaluator.scorer(None)
+    search_rt = search_runtime(rt, choice.name)  # rt itself for fp32; else a copy sharing rt's float32 tensors
+    scorer = evaluator.scorer(None) if search_rt is rt else SurveyScorer(search_rt, survey, names)
     objective = RobustObjective(scorer, space, target.scores, split.train, Robust.parse(cfg.robust), guard,
                                 settings.constant)
     run_key = cfg.run_key(rt.fingerprint, json.dumps(target.scores, sort_keys=True), persona,
                           json.dumps(split.to_dict(), sort_keys=True), str(settings.constant), str(rt.dtype),
-                          str(rt.fp32_answer))
+                          str(rt.fp32_answer), *([] if search_rt is rt else [search_rt.fingerprint]))
     checkpoint = (checkpoint_dir or cache_root() / "runs") / f"{target.key}-{run_key}.json"
     if not resume and checkpoint.exists():
         checkpoint.unlink()  # a fresh run starts fresh; --resume continues it
@@ -117,7 +129,9 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     # user wants out: the result is saved at once with the training scores the search has (held-out not scored).
     if result.interrupted:
         echo("interrupted: saving the best prompt so far with its training scores (held-out not scored)")
-        adapter = Evaluation("adapter", target, split, objective.scores(result.z[None], split.train)[0])
+        # (a faster search precision's scores are not reported: then the training presentations again, in float32)
+        adapter = Evaluation("adapter", target, split, objective.scores(result.z[None], split.train)[0]) \
+            if search_rt is rt else evaluator.evaluate(Respondent("adapter", result.prompt), names=split.train)
     else:
         bar = progress_bar(len(names), "scoring the result", "presentation", progress)
         adapter = evaluator.evaluate(Respondent("adapter", result.prompt), on_presentation=lambda _: bar.update())
@@ -127,6 +141,8 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
     wall = time.perf_counter() - t_start
     report = {
         **comparison.to_dict(), "model": rt.name, "dtype": str(rt.dtype).replace("torch.", ""),
+        # the search's precision: "objective", "history" and "elites" are in it; every other number is float32
+        "search_precision": choice.name, "search_precision_choice": choice.to_dict(),
         "device": str(rt.device), "cpu": cpu_capability() if rt.device.type == "cpu" else None,
         "persona": persona, "constant": settings.constant, "optimizer": cfg.optimizer.value,
         "robust": cfg.robust, **row_summary(adapter, comparison),
@@ -151,6 +167,7 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         "region": target.key, "target": target.to_dict(), "hidden_size": rt.hidden_size,
         "runtime_dtype": report["dtype"], "report": report, "init_text": cfg.init_text or persona,
         "num_layers": getattr(rt.model.config, "num_hidden_layers", None),
+        "search_precision": choice.name, "search_precision_choice": choice.to_dict(),
         "num_attention_heads": getattr(rt.model.config, "num_attention_heads", None),
         "environment": {"culign": __version__, "torch": torch.__version__, "python": platform.python_version(),
                         "device": str(rt.device), "cpu": report["cpu"]},

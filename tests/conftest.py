@@ -10,6 +10,9 @@ import torch
 
 # Tests score afresh: the on-disk cache of the bare model's answers is tested on its own (test_evaluation.py).
 os.environ.setdefault("CULIGN_ANSWER_CACHE", "0")
+# Training searches in float32 unless a test asks: `auto` would run the fidelity check (minutes on SmolLM2) in every
+# run with a fresh cache; tests/test_precision.py tests it.
+os.environ.setdefault("CULIGN_SEARCH_PRECISION", "fp32")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

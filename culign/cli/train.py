@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..model.precision import PRECISIONS
 from ..optimize import STRATEGIES as _STRATEGIES, Optimizer, SearchConfig
 from ..targets import TABLE, Target, UnknownRegionError, resolve
 from .common import (Refused, StoreLocation, fanout_options, load_runtime, load_survey, make_split, model_options,
@@ -75,6 +76,13 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--order-balanced/--no-order-balanced", default=None, help="Train on every presentation in both "
               "scale orders (the order:desc held-out family then goes; wordings and templates stay held out). "
               "Default: where the read-out follows meaning and the split is the default one.")
+@click.option("--search-precision", type=click.Choice(["auto", *PRECISIONS]), default=None,
+              help="What the search scores candidates in: auto (default; env CULIGN_SEARCH_PRECISION) takes the "
+                   "fastest precision that ranks 64 random candidates as float32 does (Spearman >= 0.95, measured on "
+                   "this CPU, cached), else fp32. Baselines, the final scores and the report are float32 always. A "
+                   "named precision that fails that check is refused (exit 1) unless --force-search-precision.")
+@click.option("--force-search-precision", is_flag=True,
+              help="Use the --search-precision named although it fails the fidelity check (recorded in provenance).")
 @split_options
 @registry_option
 @click.option("--checkpoint-dir", default=None, type=StoreLocation(),
@@ -90,7 +98,7 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
               budget, max_minutes, strategy, mutation, recombination, sigma, elites, seed, init, init_text, readout,
               force_invalid, order_balanced, train, heldout, validation, no_validation, wording_files, adapters_dir,
               checkpoint_dir, regions, cpus_per_region, gpus_per_region, ray_address, resume, progress, model, device,
-              dtype, as_json):
+              dtype, as_json, search_precision, force_search_precision):
     """Tune a soft prompt black-box so the frozen model's VSM 2013 indices match a region on every wording.
 
     Scores the naive model and the persona baseline on every presentation of the split, searches on the training
@@ -152,6 +160,7 @@ def train_cmd(region, target_spec, saudi_variant, name, optimizer, robust, subse
     registry = open_store(root, check=True)  # before the model: a bad store costs nothing
     common = dict(readout=readout, force_invalid=force_invalid, order_balanced=order_balanced, search=search,
                   resume=resume, progress=progress, echo=lambda m: click.echo(m, err=True),
+                  search_precision=search_precision, force_search_precision=force_search_precision,
                   **split_args(train, heldout, validation, no_validation, wording_files))
     try:
         if targets:  # the fan-out: every region as its own task, gated once here (the check is per model)

@@ -25,6 +25,21 @@ def cpu_flags() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (what benchmarks print beside the ISA level), else the platform's."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_bf16_native() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16), read from its ISA flags.
 

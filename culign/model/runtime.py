@@ -43,6 +43,12 @@ def _answer_position_in_fp32(model: torch.nn.Module) -> None:
 def _forward_in_fp32(module: torch.nn.Module) -> None:
     if getattr(module, "_culign_fp32", None) is not None:
         return
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        # float32 already (a bf16 search copy shares the float32 model's head, model/precision.py): no second copy
+        forward = module.forward
+        object.__setattr__(module, "_culign_fp32", True)
+        module.forward = lambda x, *args, **kwargs: forward(x.float(), *args, **kwargs)
+        return
     copy32 = copy.deepcopy(module).float()
     object.__setattr__(module, "_culign_fp32", copy32)  # outside _modules: not in state_dict(), not moved by .to()
     module.forward = lambda x, *args, **kwargs: copy32(x.float(), *args, **kwargs)
