@@ -243,6 +243,26 @@ def test_validity_command_prints_verdicts_and_json(monkeypatch, word_runtime):
     assert list(data) == ["label"] and data["label"]["passes"] and data["label"]["thresholds"]["tau_mean"] == 0.3
 
 
+def test_validity_command_says_what_train_will_do(monkeypatch, word_runtime):
+    """No read-out passes: a meaning-following one is named as what train takes (with a warning); with none,
+    train refuses."""
+    from click.testing import CliRunner
+
+    import culign.cli as cli
+
+    _load_with(monkeypatch, word_runtime)
+    position = _report(lambda i, p, d: 50 + (10 * i if p.endswith("asc") else -10 * i + 5))
+    reversed_culture = _report(lambda i, p, d: 92 - 10 * i, readout="label")  # follows the labels, ranks backwards
+    assert reversed_culture.follows_meaning and not reversed_culture.passes
+    reports = {"digit": position, "label": reversed_culture}
+    monkeypatch.setattr(V, "cached", lambda rt, readout, *a, **k: reports[readout])
+    r = CliRunner().invoke(cli.main, ["validity"])
+    assert r.exit_code == 0, r.output
+    assert "but label follows meaning: `culign train` trains on it" in r.output and "refuses" not in r.output
+    r = CliRunner().invoke(cli.main, ["validity", "--readout", "digit"])
+    assert "none follows meaning" in r.output and "refuses to train on it (exit 2)" in r.output
+
+
 def test_eval_reads_labels_and_shows_the_validity_block(monkeypatch, word_runtime):
     from click.testing import CliRunner
 

@@ -30,7 +30,8 @@ def validity_cmd(readout, no_cache, progress, model, device, dtype, as_json):
     signal"; the thresholds and why they are where they are: docs/method.md, "Is the model's answer valid?".
 
     Cached per model, read-out and culign version (~/.cache/culign/validity); `culign train` reads the cache and
-    trains only on a read-out that passes. Outputs: the numbers and verdicts (or JSON) on stdout.
+    trains on a read-out that passes or, with a warning, on one that follows meaning (the order slope) without a
+    culture shown; never on one that follows position (unless --force-invalid). Outputs: the numbers and verdicts (or JSON) on stdout.
     """
     from .. import validity
 
@@ -48,8 +49,14 @@ def validity_cmd(readout, no_cache, progress, model, device, dtype, as_json):
                    f"{'; ' + v.environment['cpu'] if v.environment.get('cpu') else ''})")
     click.echo(validity_text(checks))
     if not any(v.passes for v in checks.values()):
-        click.echo("\nno read-out passes: this model's answers are not known to carry a culture, and `culign train` "
-                   "refuses to train on it (exit 2) unless given --force-invalid.")
+        meaning = [r for r, v in checks.items() if validity.trainable(v)]
+        if meaning:  # the gate (validity.trainable): follows meaning, no culture shown -> trains, with a warning
+            click.echo(f"\nno read-out passes, but {', '.join(meaning)} follows meaning: `culign train` trains on it "
+                       "(order-balanced, with a warning); only the post-training verdict can call the result an "
+                       "alignment.")
+        else:
+            click.echo("\nno read-out passes and none follows meaning: this model's answers are not known to carry a "
+                       "culture, and `culign train` refuses to train on it (exit 2) unless given --force-invalid.")
 
 
 @click.command("eval")
