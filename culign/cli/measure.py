@@ -31,7 +31,8 @@ def validity_cmd(readout, no_cache, progress, model, device, dtype, as_json):
 
     Cached per model, read-out and culign version (~/.cache/culign/validity); `culign train` reads the cache and
     trains on a read-out that passes or, with a warning, on one that follows meaning (the order slope) without a
-    culture shown; never on one that follows position (unless --force-invalid). Outputs: the numbers and verdicts (or JSON) on stdout.
+    culture shown; never on one that follows position (unless --force-invalid). Outputs: the numbers and verdicts
+    (or JSON) on stdout.
     """
     from .. import validity
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .embedded import ModelLoadError, default_model, lookup, model_dir
-from .hardware import default_device, parse_dtype
+from .hardware import DTYPES, default_device, parse_dtype
 
 log = logging.getLogger("culign.model")
 
@@ -53,8 +53,8 @@ def stored_dtype(model: str | None = None) -> torch.dtype:
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from e
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        dtype = DTYPES.get(dtype)
+    return dtype if dtype in DTYPES.values() else torch.float32
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
