@@ -3,8 +3,12 @@
 - A region's task loads the model, trains exactly as ``culign train --region R`` does and publishes to the
   registry (a folder every worker sees, or ``s3://``). At the same thread count the adapter is bit-identical to
   a run alone: the task sets torch's threads to its CPUs, and nothing else differs.
-- A worker that dies (SIGKILL, OOM, a lost node) is retried by Ray; the retry resumes from the region's
-  checkpoint, which the search writes after every generation, so the result equals an uninterrupted run.
+- A worker that dies (SIGKILL, OOM, a lost node) is retried: the driver submits the region again as its next
+  attempt, which resumes from the region's checkpoint (the search writes one after every generation), so the result
+  equals an uninterrupted run. The driver, not Ray, counts attempts: a task that blocked on ``ray.get`` to learn its
+  attempt number would hand its CPUs back to Ray while it waited, and Ray would start the next region on them, so
+  more regions ran than the cluster has CPUs for (measured: two 2-CPU regions at once on a 2-CPU machine, each at a
+  third of its speed).
   Checkpoints go to ``checkpoint_dir``: a folder every worker sees, or an object-store URL (synced after each
   generation).
 - Progress comes back through a small actor (the board): generation, best loss and ETA per region.
@@ -66,6 +70,7 @@ class RegionResult:
     wall_s: float = 0.0
     attempts: int = 1
     interrupted: bool = False
+    started_at: float | None = None  # wall clock (time.time()) when the region's last attempt began
     verdict: str | None = None  # the adapter's post-training verdict (culign.verdict)
 
     def to_dict(self) -> dict:
@@ -83,6 +88,7 @@ class Status:
     eta_s: float | None = None
     attempt: int = 0
     pid: int | None = None
+    stage: str = ""  # before and after the search: "baselines 41/88", "scoring the result 3/44"
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -127,7 +133,7 @@ def run_region(job: RegionJob, report: Callable[[dict], None] | None = None, att
     from .survey import Survey
     from .trainer import train
 
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     region = job.target.key
     torch.set_num_threads(job.threads)
     sync = None
@@ -154,20 +160,26 @@ def run_region(job: RegionJob, report: Callable[[dict], None] | None = None, att
             sync.upload(checkpoint)
         if report is not None:
             per = p.elapsed_s / max(p.generation, 1)
-            report({"state": "running", "generation": p.generation, "generations": generations,
+            report({"state": "running", "generation": p.generation, "generations": generations, "stage": "",
                     "best_loss": p.best_loss, "eta_s": per * max(generations - p.generation, 0)})
+
+    def on_stage(stage: str, done: int, total: int):
+        if report is not None:
+            report({"state": "running", "stage": f"{stage} {done}/{total}"})
 
     rt = Runtime.load(where.model, device=where.device, dtype=where.dtype, scoring=True)
     survey = Survey.load(wording_files=list(job.wording_files))
     outcome = train(rt, survey, job.target, job.settings, open_registry(job.adapters), checkpoint_dir=checkpoint_dir,
-                    resume=resume, progress=False, echo=lambda _m: None, on_generation=on_generation, **job.gate)
+                    resume=resume, progress=False, echo=lambda _m: None, on_generation=on_generation,
+                    on_stage=on_stage, **job.gate)
     if sync is not None:
         sync.finish(outcome.report.get("stopped_by") == "budget")
     r = outcome.report
     return RegionResult(region, True, adapter=outcome.adapter.ref, adapter_path=str(outcome.adapter.path),
                         train_loss=r.get("train_loss"), heldout_loss=r.get("heldout_loss"),
                         gain_kept=r.get("gain_kept"), wall_s=time.perf_counter() - t0, attempts=attempt,
-                        interrupted=bool(r.get("interrupted")), verdict=r["verdict"]["verdict"])
+                        interrupted=bool(r.get("interrupted")), verdict=r["verdict"]["verdict"],
+                        started_at=started_at)
 
 
 def _failure(region: str, error: BaseException | str, t0: float, attempts: int = 1) -> RegionResult:
@@ -254,10 +266,8 @@ def _board_class(ray):
         def __init__(self):
             self.state: dict[str, dict] = {}
 
-        def start(self, region: str, pid: int) -> int:
-            s = self.state.setdefault(region, {"attempt": 0})
-            s.update(state="running", attempt=s["attempt"] + 1, pid=pid)
-            return s["attempt"]
+        def start(self, region: str, pid: int, attempt: int) -> None:
+            self.state.setdefault(region, {}).update(state="running", attempt=attempt, pid=pid)
 
         def update(self, region: str, values: dict) -> None:
             self.state.setdefault(region, {"attempt": 1}).update(values)
@@ -268,10 +278,8 @@ def _board_class(ray):
     return Board
 
 
-def _task(job: RegionJob, board) -> RegionResult:
-    import ray
-
-    attempt = ray.get(board.start.remote(job.target.key, os.getpid()))
+def _task(job: RegionJob, board, attempt: int) -> RegionResult:
+    board.start.remote(job.target.key, os.getpid(), attempt)  # not awaited: see the module's docstring
     return run_region(job, lambda d: board.update.remote(job.target.key, d), attempt)
 
 
@@ -279,7 +287,8 @@ def fan_out(jobs: list[RegionJob], *, ray_address: str | None = None, cpus_per_r
             gpus_per_region: float = 0, max_retries: int = 3,
             on_update: Callable[[dict[str, Status]], None] | None = None, poll_s: float = 0.5,
             started: Callable[[object], None] | None = None) -> list[RegionResult]:
-    """Run every job as a Ray task; returns one RegionResult per job, in order (failures included).
+    """Run every job as a Ray task; returns one RegionResult per job, in order (failures included). A region
+    whose worker is lost is submitted again, resuming, up to ``max_retries`` times.
 
     Ctrl-C cancels every task (each keeps its checkpoint: ``resume=True`` continues them) and re-raises.
     """
@@ -290,10 +299,12 @@ def fan_out(jobs: list[RegionJob], *, ray_address: str | None = None, cpus_per_r
     # the driver's culign settings (cache folders, the answer cache, test seams) and AWS environment reach the
     # tasks, wherever the cluster was started from
     env = {k: v for k, v in os.environ.items() if k.startswith(("CULIGN_", "AWS_", "HF_"))}
-    remote = ray.remote(num_cpus=cpus_per_region, num_gpus=gpus_per_region, max_retries=max_retries,
+    # max_retries=0: a lost worker comes back here and is submitted again as the region's next attempt (the
+    # module's docstring says why the driver counts them)
+    remote = ray.remote(num_cpus=cpus_per_region, num_gpus=gpus_per_region, max_retries=0,
                         retry_exceptions=False)(_task).options(runtime_env={"env_vars": env})
     t0 = time.perf_counter()
-    refs = {remote.remote(job, board): job.target.key for job in jobs}
+    refs = {remote.remote(job, board, 1): (job, 1) for job in jobs}
     results: dict[str, RegionResult] = {}
     statuses = {j.target.key: Status(j.target.key) for j in jobs}
     pending = list(refs)
@@ -302,19 +313,27 @@ def fan_out(jobs: list[RegionJob], *, ray_address: str | None = None, cpus_per_r
             ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
             snap = ray.get(board.snapshot.remote())
             for region, values in snap.items():
-                if region in statuses:
-                    st = statuses[region]
+                st = statuses.get(region)
+                if st is not None and st.state not in ("done", "failed"):
                     st.__dict__.update({k: v for k, v in values.items() if k in st.__dict__})
             for ref in ready:
-                region = refs[ref]
-                attempts = snap.get(region, {}).get("attempt", 1)
+                job, attempt = refs.pop(ref)
+                region = job.target.key
                 try:
                     results[region] = ray.get(ref)
                     statuses[region].state = "done"
-                except Exception as e:  # RayTaskError (the task raised) or a worker lost past its retries
-                    cause = getattr(e, "cause", None) or e
-                    results[region] = _failure(region, _error_text(cause), t0, attempts)
+                except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError) as e:  # raised: no retry
+                    results[region] = _failure(region, _error_text(getattr(e, "cause", None) or e), t0, attempt)
                     statuses[region].state = "failed"
+                except ray.exceptions.RayError as e:  # the worker or its node was lost: resume, if attempts are left
+                    if attempt <= max_retries:
+                        retry = remote.remote(job, board, attempt + 1)
+                        refs[retry] = (job, attempt + 1)
+                        pending.append(retry)
+                        statuses[region].state = "waiting"
+                    else:
+                        results[region] = _failure(region, _error_text(e), t0, attempt)
+                        statuses[region].state = "failed"
             if on_update:
                 on_update(statuses)
     except KeyboardInterrupt:
@@ -351,8 +370,17 @@ def status_line(st: Status) -> str:
         return f"{st.region:<8} waiting for a worker"
     best = f"{st.best_loss:.2f}" if st.best_loss is not None else "-"
     retry = f" (attempt {st.attempt})" if st.attempt and st.attempt > 1 else ""
+    if st.state == "running" and st.stage:
+        return f"{st.region:<8} running  {st.stage}{retry}"
     return (f"{st.region:<8} {st.state:<8} gen {st.generation}/{st.generations or '?'}  best L1 {best}  "
             f"ETA {_fmt_eta(st.eta_s)}{retry}")
+
+
+def _stage_step(stage: str) -> tuple[str, int]:
+    """On a pipe a stage is printed at each tenth of it, not at every presentation."""
+    name, _, count = stage.rpartition(" ")
+    done, _, total = count.partition("/")
+    return (name, 10 * int(done) // int(total)) if done.isdigit() and total.isdigit() and int(total) else (stage, 0)
 
 
 class LiveLines:
@@ -371,7 +399,7 @@ class LiveLines:
             self.drawn = len(lines)
         else:
             for s, ln in zip(statuses.values(), lines):
-                key = (s.state, s.generation, s.attempt)
+                key = (s.state, s.generation, s.attempt, _stage_step(s.stage))
                 if self.last.get(s.region) != key:
                     self.last[s.region] = key
                     self.stream.write(ln + "\n")

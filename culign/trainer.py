@@ -62,12 +62,27 @@ def _short(indices: dict[str, float]) -> str:
     return " ".join(f"{d}={indices[d]:.0f}" for d in DIMENSIONS)
 
 
+def _ticker(bar, stage: str, total: int, on_stage: Callable[[str, int, int], None] | None):
+    """One presentation done: the progress bar moves, and ``on_stage`` hears how far the stage is."""
+    done = 0
+
+    def tick(_name=None):
+        nonlocal done
+        done += 1
+        bar.update()
+        if on_stage is not None:
+            on_stage(stage, done, total)
+    return tick
+
+
 def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, registry: Registry, *,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
-          echo: Callable[[str], None] = print, on_generation: Callable | None = None, readout: str | None = None,
+          echo: Callable[[str], None] = print, on_generation: Callable | None = None,
+          on_stage: Callable[[str, int, int], None] | None = None, readout: str | None = None,
           validity: dict | None = None, forced_invalid: bool = False, order_balanced: bool = False) -> TrainOutcome:
     """``on_generation(progress, checkpoint_path)`` is called after each generation's checkpoint is written (the
-    fan-out's live lines and its checkpoint upload).
+    fan-out's live lines and its checkpoint upload); ``on_stage(stage, done, total)`` after each presentation the
+    baselines and the result's scoring finish (on a 1.5B model they take half an hour before the first generation).
 
     ``readout``, ``validity`` (read-out -> ValidityReport.summary()), ``forced_invalid`` and ``order_balanced``
     say how the run was gated (culign.validity; the CLI runs the check): they go into the report and provenance.
@@ -90,8 +105,9 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
 
     # 1. baselines on every presentation of the split (train, validation, held-out)
     bar = progress_bar(2 * len(names), "baselines (naive, persona)", "presentation", progress)
-    naive = evaluator.evaluate(Respondent.naive(), on_presentation=lambda _: bar.update())
-    icl = evaluator.evaluate(Respondent.with_persona(target.display_name), on_presentation=lambda _: bar.update())
+    tick = _ticker(bar, "baselines", 2 * len(names), on_stage)
+    naive = evaluator.evaluate(Respondent.naive(), on_presentation=tick)
+    icl = evaluator.evaluate(Respondent.with_persona(target.display_name), on_presentation=tick)
     bar.close()
     echo(f"naive: train L1 {naive.train_loss:.2f}, held-out {naive.heldout_loss or float('nan'):.2f} "
          f"({_short(naive.train_indices)}); persona: train {icl.train_loss:.2f}, "
@@ -134,7 +150,8 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
             if search_rt is rt else evaluator.evaluate(Respondent("adapter", result.prompt), names=split.train)
     else:
         bar = progress_bar(len(names), "scoring the result", "presentation", progress)
-        adapter = evaluator.evaluate(Respondent("adapter", result.prompt), on_presentation=lambda _: bar.update())
+        adapter = evaluator.evaluate(Respondent("adapter", result.prompt),
+                                     on_presentation=_ticker(bar, "scoring the result", len(names), on_stage))
         bar.close()
     comparison = Comparison(target, split, [naive, icl, adapter])
     verdict = judge(comparison, adapter)

@@ -4,6 +4,7 @@ resumes from its checkpoint to the same adapter, checkpoints and adapters can li
 usage errors that write nothing."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -18,7 +19,8 @@ import torch
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # culign.fanout.LOOPBACK_ENV: before ray is imported
 ray = pytest.importorskip("ray")
 
-from culign.fanout import RegionJob, fan_out, kill_task_worker, run_sequential  # noqa: E402
+from culign.fanout import (LiveLines, RegionJob, Status, fan_out, kill_task_worker, run_sequential,  # noqa: E402
+                           status_line)
 from culign.optimize import SearchConfig  # noqa: E402
 from culign.survey import Split  # noqa: E402
 from culign.targets import resolve  # noqa: E402
@@ -100,6 +102,46 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_adapter(cluster, tin
     assert res.train_loss == alone.train_loss
     prov = json.loads((Path(res.adapter_path) / "culign.json").read_text())
     assert prov["report"]["resumed_from_generation"] >= 2  # it did resume, not start over
+
+
+def test_no_more_regions_run_at_once_than_the_cluster_has_cpus_for(cluster, tiny_model_dir, tmp_path):
+    """Three 1-CPU regions on 2 CPUs: at most two run at any moment. A task that blocked on ray.get (it once did, to
+    learn its attempt number) handed its CPU back while it waited, and Ray started the third region on it."""
+    os.environ["CULIGN_FANOUT_TEST_PAUSE_S"] = "0.5"  # each region runs a few seconds, long enough to overlap
+    try:
+        res = fan_out([_job(r, tiny_model_dir, tmp_path / "reg", tmp_path / r, settings=_settings(budget=32))
+                       for r in ("US", "CN", "IN")], ray_address=cluster, cpus_per_region=1)
+    finally:
+        os.environ.pop("CULIGN_FANOUT_TEST_PAUSE_S", None)
+    assert all(r.ok for r in res), [r.error for r in res]
+    spans = [(r.started_at, r.started_at + r.wall_s) for r in res]
+    most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert most == 2, spans  # two at once (the cluster has two CPUs), never three
+
+
+def test_the_live_lines_show_the_stages_before_and_after_the_search(tiny_model_dir, tmp_path):
+    """A 1.5B model spends half an hour on the baselines before its first generation: the line says how far they
+    are, then the generations, then the result's scoring; on a pipe a stage prints at each tenth, not per step."""
+    seen = []
+    threads = torch.get_num_threads()
+    try:
+        (res,) = run_sequential([_job("US", tiny_model_dir, tmp_path / "reg", tmp_path / "ck")],
+                                on_update=lambda sts: seen.append(status_line(sts["US"])))
+    finally:
+        torch.set_num_threads(threads)
+    assert res.ok, res.error
+    # the split has 2 presentations: naive and persona on each, then the search's 2 generations, then the result
+    assert [ln.split(None, 1)[1] for ln in seen[:4]] == [f"running  baselines {i}/4" for i in range(1, 5)]
+    assert any("gen 2/2  best L1" in ln for ln in seen), seen
+    assert seen[-2:] == ["US       running  scoring the result 1/2", "US       running  scoring the result 2/2"]
+
+    out = io.StringIO()
+    lines = LiveLines(out)
+    for done in range(1, 89):
+        lines({"US": Status("US", "running", stage=f"baselines {done}/88")})
+    printed = out.getvalue().splitlines()
+    assert printed[0] == "US       running  baselines 1/88" and printed[-1] == "US       running  baselines 88/88"
+    assert len(printed) == 11  # 1/88, then each tenth: 9/88, 18/88, ..., 88/88
 
 
 def test_a_failing_region_is_reported_while_the_others_finish(cluster, tiny_model_dir, tmp_path):
