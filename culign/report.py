@@ -354,6 +354,34 @@ def registry_html(entries: Sequence[tuple[str, Mapping, Comparison]], root: str)
     return "\n".join(out)
 
 
+def paper_table(entries: Sequence[tuple[str, Mapping, Comparison]]) -> str:
+    """The seed paper's table, in Markdown, for a set of adapters (`culign report --table`): per adapter the rows
+    naive / persona / DE with the L1 on the training presentations, on each held-out family, and over all held-out
+    ones, then the naive model's noise band, the gain kept, the order slope and the verdict. The persona line is
+    judged by the same rule (culign.verdict) as the adapter: the baseline gets no easier bar."""
+    families: list[str] = []
+    for _, _, c in entries:
+        families += [f for f in c.split.heldout if f not in families]
+    head = ["adapter", "row", "train L1", *(f"held-out {f}" for f in families), "held-out L1", "band", "gain kept",
+            "order slope", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---", "---"] + ["---:"] * (len(head) - 3) + ["---"])
+             + " |"]
+    for ref, report, c in entries:
+        band = c.noise_band()["L1"]
+        for row in c.rows:
+            naive = row is c.naive
+            kind = {"naive": "naive", "persona": "persona"}.get(row.label, str(report.get("optimizer", "de")).upper())
+            kept = None if naive else c.gain_kept(row)
+            verdict = "" if naive else verdict_of(report) if kind not in ("naive", "persona") else judge(c, row).verdict
+            by_family = row.heldout_by_family
+            cells = [ref if naive else "", kind, _fmt(row.train_loss, ".2f"),
+                     *(_fmt(by_family.get(f), ".2f") for f in families), _fmt(row.heldout_loss, ".2f"),
+                     _fmt(band, ".2f") if naive else "", "" if naive else _fmt(kept, ".0%"),
+                     "" if naive else _fmt(c.order_slope(row), "+.2f"), verdict]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _verdict_html(v: Mapping | None) -> str:
     """The recorded verdict with its numbers: per held-out family the L1 gain over naive against the noise band."""
     from html import escape as e

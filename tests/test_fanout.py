@@ -131,6 +131,7 @@ def test_the_live_lines_show_the_stages_before_and_after_the_search(tiny_model_d
         torch.set_num_threads(threads)
     assert res.ok, res.error
     # the split has 2 presentations: naive and persona on each, then the search's 2 generations, then the result
+    # alone on both (afresh, as `culign eval` scores it: the report's numbers are the ones eval gives)
     assert [ln.split(None, 1)[1] for ln in seen[:4]] == [f"running  baselines {i}/4" for i in range(1, 5)]
     assert any("gen 2/2  best L1" in ln for ln in seen), seen
     assert seen[-2:] == ["US       running  scoring the result 1/2", "US       running  scoring the result 2/2"]

@@ -15,17 +15,22 @@ from .common import load_runtime, open_store, parse_ref, registry_dir, registry_
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the page (default: report-<REGION>-<version>.html, or registry-report.html, in "
                    "the current folder).")
-def report_cmd(what, adapters_dir, out):
+@click.option("--table", "table", is_flag=True,
+              help="Print the seed paper's table in Markdown instead (naive / persona / DE per adapter: training "
+                   "L1, held-out L1 per family, noise band, gain kept, order slope, verdict), for the latest version "
+                   "of every region, or for WHAT.")
+def report_cmd(what, adapters_dir, out, table):
     """One self-contained HTML page (inline SVG, no network) for a run or for a whole registry.
 
     With an adapter folder, a report.json or REGION[@VERSION]: that run's page (radar of target, naive, persona
     and adapter on training and held-out presentations, per-index table, losses with gain kept and the noise
     band, the loss curve, the provenance). Without: one page for every adapter in the registry. `culign train`
     writes the run's page as report.html beside report.json already. Outputs: the HTML file; its path on stdout.
+    With --table: the seed paper's table in Markdown on stdout instead (docs/results.md's tables come from it).
     """
     from ..evaluation import Comparison
     from ..registry import RegistryError
-    from ..report import html_report, registry_html
+    from ..report import html_report, paper_table, registry_html
 
     registry = open_store(registry_dir(adapters_dir), check=True)
 
@@ -38,9 +43,14 @@ def report_cmd(what, adapters_dir, out):
 
     if what is None:
         infos, _ = registry.scan()
+        if table:  # the latest version of each region (scan sorts by region, then version)
+            infos = list({i.region: i for i in infos}.values())
         entries = [(i.ref, *load(i.path / "report.json")) for i in infos if (i.path / "report.json").exists()]
         if not entries:
             raise click.BadParameter(f"no adapter with a report.json in {registry.root}", param_hint="--adapters-dir")
+        if table:
+            click.echo(paper_table(entries))
+            return
         page, default = registry_html(entries, str(registry.root)), Path("registry-report.html")
     else:
         path = Path(what)
@@ -55,6 +65,9 @@ def report_cmd(what, adapters_dir, out):
         report, comparison = load(path)
         folder = path.parent
         name = f"{folder.parent.name}@{folder.name}" if folder.name.isdigit() else folder.name
+        if table:
+            click.echo(paper_table([(name, report, comparison)]))
+            return
         page, default = html_report(report, comparison, title=name), Path(f"report-{name.replace('@', '-')}.html")
     target = out or default
     target.write_text(page, encoding="utf-8")
