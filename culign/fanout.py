@@ -88,7 +88,9 @@ class Status:
     eta_s: float | None = None
     attempt: int = 0
     pid: int | None = None
-    stage: str = ""  # before and after the search: "baselines 41/88", "scoring the result 3/44"
+    stage: str = ""  # before and after the search: "baselines", "scoring the result" ("": the search)
+    stage_done: int = 0  # presentations of the stage scored so far, of stage_total
+    stage_total: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -165,7 +167,7 @@ def run_region(job: RegionJob, report: Callable[[dict], None] | None = None, att
 
     def on_stage(stage: str, done: int, total: int):
         if report is not None:
-            report({"state": "running", "stage": f"{stage} {done}/{total}"})
+            report({"state": "running", "stage": stage, "stage_done": done, "stage_total": total})
 
     rt = Runtime.load(where.model, device=where.device, dtype=where.dtype, scoring=True)
     survey = Survey.load(wording_files=list(job.wording_files))
@@ -371,20 +373,14 @@ def status_line(st: Status) -> str:
     best = f"{st.best_loss:.2f}" if st.best_loss is not None else "-"
     retry = f" (attempt {st.attempt})" if st.attempt and st.attempt > 1 else ""
     if st.state == "running" and st.stage:
-        return f"{st.region:<8} running  {st.stage}{retry}"
+        return f"{st.region:<8} running  {st.stage} {st.stage_done}/{st.stage_total}{retry}"
     return (f"{st.region:<8} {st.state:<8} gen {st.generation}/{st.generations or '?'}  best L1 {best}  "
             f"ETA {_fmt_eta(st.eta_s)}{retry}")
 
 
-def _stage_step(stage: str) -> tuple[str, int]:
-    """On a pipe a stage is printed at each tenth of it, not at every presentation."""
-    name, _, count = stage.rpartition(" ")
-    done, _, total = count.partition("/")
-    return (name, 10 * int(done) // int(total)) if done.isdigit() and total.isdigit() and int(total) else (stage, 0)
-
-
 class LiveLines:
-    """One line per region, redrawn in place on a terminal; on a pipe, a line when a region's generation changes."""
+    """One line per region, redrawn in place on a terminal; on a pipe, a line when a region's generation changes
+    (or its stage, at each tenth)."""
 
     def __init__(self, stream=sys.stderr):
         self.stream, self.drawn, self.last = stream, 0, {}
@@ -399,7 +395,9 @@ class LiveLines:
             self.drawn = len(lines)
         else:
             for s, ln in zip(statuses.values(), lines):
-                key = (s.state, s.generation, s.attempt, _stage_step(s.stage))
+                # a stage prints at each tenth of it, not at every presentation
+                tenth = 10 * s.stage_done // s.stage_total if s.stage_total else 0
+                key = (s.state, s.generation, s.attempt, s.stage, tenth)
                 if self.last.get(s.region) != key:
                     self.last[s.region] = key
                     self.stream.write(ln + "\n")

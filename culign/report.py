@@ -370,9 +370,12 @@ def paper_table(entries: Sequence[tuple[str, Mapping, Comparison]]) -> str:
         band = c.noise_band()["L1"]
         for row in c.rows:
             naive = row is c.naive
-            kind = {"naive": "naive", "persona": "persona"}.get(row.label, str(report.get("optimizer", "de")).upper())
+            kind = _kind(row.label)
+            if kind == "adapter":  # the trained row: named by its optimiser, its verdict the one it was saved with
+                kind, verdict = str(report.get("optimizer", "de")).upper(), verdict_of(report)
+            else:
+                verdict = "" if naive else judge(c, row).verdict
             kept = None if naive else c.gain_kept(row)
-            verdict = "" if naive else verdict_of(report) if kind not in ("naive", "persona") else judge(c, row).verdict
             by_family = row.heldout_by_family
             cells = [ref if naive else "", kind, _fmt(row.train_loss, ".2f"),
                      *(_fmt(by_family.get(f), ".2f") for f in families), _fmt(row.heldout_loss, ".2f"),

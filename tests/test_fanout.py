@@ -139,7 +139,7 @@ def test_the_live_lines_show_the_stages_before_and_after_the_search(tiny_model_d
     out = io.StringIO()
     lines = LiveLines(out)
     for done in range(1, 89):
-        lines({"US": Status("US", "running", stage=f"baselines {done}/88")})
+        lines({"US": Status("US", "running", stage="baselines", stage_done=done, stage_total=88)})
     printed = out.getvalue().splitlines()
     assert printed[0] == "US       running  baselines 1/88" and printed[-1] == "US       running  baselines 88/88"
     assert len(printed) == 11  # 1/88, then each tenth: 9/88, 18/88, ..., 88/88
