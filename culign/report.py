@@ -10,8 +10,8 @@ import json
 import re
 from typing import BinaryIO, Mapping, Sequence
 
-from .evaluation import Comparison, Evaluation
-from .survey import DIMENSIONS
+from .evaluation import Comparison, Evaluation, family_mean
+from .survey import DIMENSIONS, l1_loss
 from .targets import Target
 from .registry.format import verdict_of
 from .verdict import NOT_JUDGED, judge
@@ -383,6 +383,48 @@ def paper_table(entries: Sequence[tuple[str, Mapping, Comparison]]) -> str:
                      "" if naive else _fmt(c.order_slope(row), "+.2f"), verdict]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cross_table(entries: Sequence[tuple[str, Mapping, Comparison]]) -> str:
+    """Is an adapter its region's, or a move any target likes? (`culign report --cross`). Every persona and DE row
+    of every adapter scored against every adapter's target: the held-out L1 (mean of the families' means, as the
+    report), from the answers the reports hold (nothing is scored again). An adapter that carries its region is
+    best on its own target; one that carries a shift every target likes is best on several. Bold: the best DE row
+    of a column. The last line counts the DE adapters best on their own target."""
+    if len(entries) < 2:
+        raise ValueError("a cross table needs the reports of at least two adapters")
+    models = {str(report.get("model")) for _, report, _ in entries}
+    if len(models) > 1:  # the naive row and every comparison assume one frozen model
+        raise ValueError(f"the adapters were trained on different models ({', '.join(sorted(models))}): "
+                         "compare the adapters of one model (one registry per model)")
+    targets = [(ref, c.target) for ref, _, c in entries]
+    lines = ["| row | " + " | ".join(f"target {t.key} ({ref})" for ref, t in targets) + " |",
+             "| --- |" + " ---: |" * len(targets)]
+
+    def heldout(row: Evaluation, c: Comparison, target: Target) -> float | None:
+        return family_mean(row.scores, c.split.heldout, lambda s: l1_loss(s.indices, target.scores))[0]
+
+    de = [[heldout(c.rows[-1], c, t) for _, t in targets] for _, _, c in entries]
+    best = [min(range(len(de)), key=lambda i, j=j: _inf(de[i][j])) for j in range(len(targets))]
+    first = entries[0][2]
+    naive = [heldout(first.naive, first, t) for _, t in targets]
+    lines.append(f"| naive (of {entries[0][0]}) | " + " | ".join(_fmt(v, ".2f") for v in naive) + " |")
+    for i, (ref, report, c) in enumerate(entries):
+        for row in c.rows[1:]:
+            trained = row is c.rows[-1]
+            kind = str(report.get("optimizer", "de")).upper() if trained else _kind(row.label)
+            cells = [heldout(row, c, t) for _, t in targets]
+            shown = [f"**{_fmt(v, '.2f')}**" if trained and best[j] == i else _fmt(v, ".2f")
+                     for j, v in enumerate(cells)]
+            lines.append(f"| {ref} {kind} | " + " | ".join(shown) + " |")
+    own = sum(best[i] == i for i in range(len(entries)))
+    lines.append(f"\nDE adapters best on their own target: {own} of {len(entries)} (held-out presentations; "
+                 "the naive row is the first report's: without a prompt the model answers alike whatever the target).")
+    return "\n".join(lines)
+
+
+def _inf(v: float | None) -> float:
+    return float("inf") if v is None else v
 
 
 def _verdict_html(v: Mapping | None) -> str:

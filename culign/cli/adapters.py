@@ -19,7 +19,11 @@ from .common import load_runtime, open_store, parse_ref, registry_dir, registry_
               help="Print the seed paper's table in Markdown instead (naive / persona / DE per adapter: training "
                    "L1, held-out L1 per family, noise band, gain kept, order slope, verdict), for the latest version "
                    "of every region, or for WHAT.")
-def report_cmd(what, adapters_dir, out, table):
+@click.option("--cross", "cross", is_flag=True,
+              help="Print in Markdown every region's persona and DE rows scored against every region's target "
+                   "(held-out L1, from the reports' answers: nothing is scored again), for the latest version of "
+                   "every region: does an adapter carry its region, or a move that every target likes?")
+def report_cmd(what, adapters_dir, out, table, cross):
     """One self-contained HTML page (inline SVG, no network) for a run or for a whole registry.
 
     With an adapter folder, a report.json or REGION[@VERSION]: that run's page (radar of target, naive, persona
@@ -27,10 +31,16 @@ def report_cmd(what, adapters_dir, out, table):
     band, the loss curve, the provenance). Without: one page for every adapter in the registry. `culign train`
     writes the run's page as report.html beside report.json already. Outputs: the HTML file; its path on stdout.
     With --table: the seed paper's table in Markdown on stdout instead (docs/results.md's tables come from it).
+    With --cross: the registry's adapters against each other's targets, in Markdown on stdout.
     """
     from ..evaluation import Comparison
     from ..registry import RegistryError
-    from ..report import html_report, paper_table, registry_html
+    from ..report import cross_table, html_report, paper_table, registry_html
+
+    if table and cross:
+        raise click.UsageError("--table and --cross are two different tables: ask for one")
+    if cross and what is not None:
+        raise click.UsageError("--cross compares the regions of a registry: leave out WHAT (use --adapters-dir)")
 
     registry = open_store(registry_dir(adapters_dir), check=True)
 
@@ -43,13 +53,22 @@ def report_cmd(what, adapters_dir, out, table):
 
     if what is None:
         infos, _ = registry.scan()
-        if table:  # the latest version of each region (scan sorts by region, then version)
+        if table or cross:  # the latest version of each region (scan sorts by region, then version)
             infos = list({i.region: i for i in infos}.values())
         entries = [(i.ref, *load(i.path / "report.json")) for i in infos if (i.path / "report.json").exists()]
         if not entries:
             raise click.BadParameter(f"no adapter with a report.json in {registry.root}", param_hint="--adapters-dir")
         if table:
             click.echo(paper_table(entries))
+            return
+        if cross:
+            if len(entries) < 2:
+                raise click.BadParameter(f"--cross needs the reports of two regions or more; {registry.root} has "
+                                         f"{len(entries)}", param_hint="--adapters-dir")
+            try:
+                click.echo(cross_table(entries))
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--adapters-dir") from None
             return
         page, default = registry_html(entries, str(registry.root)), Path("registry-report.html")
     else:
