@@ -91,6 +91,7 @@ class Status:
     stage: str = ""  # before and after the search: "baselines", "scoring the result" ("": the search)
     stage_done: int = 0  # presentations of the stage scored so far, of stage_total
     stage_total: int = 0
+    outcome: str = ""  # once done or failed: the result in a few words (held-out L1, verdict, wall) or the error
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -206,11 +207,22 @@ def run_sequential(jobs: list[RegionJob], on_update: Callable[[dict[str, Status]
 
         try:
             results.append(run_region(job, report))
-            st.state = "done"
         except Exception as e:  # one region's failure never stops the others
             results.append(_failure(job.target.key, e, t0))
-            st.state = "failed"
+        _finish(st, results[-1])
+        if on_update:
+            on_update(statuses)
     return results
+
+
+def _finish(st: Status, result: RegionResult) -> None:
+    """A region's line says how it ended: the held-out L1 and verdict, or the error."""
+    st.state, st.stage = ("done" if result.ok else "failed"), ""
+    if result.ok:
+        held = f"{result.heldout_loss:.2f}" if result.heldout_loss is not None else "-"
+        st.outcome = f"held-out L1 {held}  {result.verdict or ''}  {_fmt_eta(result.wall_s)}"
+    else:
+        st.outcome = result.error or "failed"
 
 
 # ---------------------------------------------------------------------------------------------------- Ray
@@ -323,10 +335,10 @@ def fan_out(jobs: list[RegionJob], *, ray_address: str | None = None, cpus_per_r
                 region = job.target.key
                 try:
                     results[region] = ray.get(ref)
-                    statuses[region].state = "done"
+                    _finish(statuses[region], results[region])
                 except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError) as e:  # raised: no retry
                     results[region] = _failure(region, _error_text(getattr(e, "cause", None) or e), t0, attempt)
-                    statuses[region].state = "failed"
+                    _finish(statuses[region], results[region])
                 except ray.exceptions.RayError as e:  # the worker or its node was lost: resume, if attempts are left
                     if attempt <= max_retries:
                         retry = remote.remote(job, board, attempt + 1)
@@ -335,7 +347,7 @@ def fan_out(jobs: list[RegionJob], *, ray_address: str | None = None, cpus_per_r
                         statuses[region].state = "waiting"
                     else:
                         results[region] = _failure(region, _error_text(e), t0, attempt)
-                        statuses[region].state = "failed"
+                        _finish(statuses[region], results[region])
             if on_update:
                 on_update(statuses)
     except KeyboardInterrupt:
@@ -372,6 +384,8 @@ def status_line(st: Status) -> str:
         return f"{st.region:<8} waiting for a worker"
     best = f"{st.best_loss:.2f}" if st.best_loss is not None else "-"
     retry = f" (attempt {st.attempt})" if st.attempt and st.attempt > 1 else ""
+    if st.state in ("done", "failed") and st.outcome:
+        return f"{st.region:<8} {st.state:<8} {st.outcome}{retry}"
     if st.state == "running" and st.stage:
         return f"{st.region:<8} running  {st.stage} {st.stage_done}/{st.stage_total}{retry}"
     return (f"{st.region:<8} {st.state:<8} gen {st.generation}/{st.generations or '?'}  best L1 {best}  "

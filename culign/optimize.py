@@ -479,13 +479,15 @@ def _elite_order(objective: RobustObjective, elites: list[np.ndarray]) -> list[n
 def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Sequence[str] = (),
                checkpoint: Path | None = None, resume: bool = False, run_key: str = "",
                on_generation: Callable[[Progress], None] | None = None,
-               on_batch: Callable[[int], None] | None = None) -> SearchResult:
+               on_batch: Callable[[int], None] | None = None,
+               on_pick: Callable[[int, int], None] | None = None) -> SearchResult:
     """Search until the budget is spent (or Ctrl-C), checkpointing after every generation.
 
     The budget counts candidates (the initial population included) and is spent in whole generations of
     ``popsize``, rounded down. With ``cfg.max_seconds`` the search also stops before a generation that would
     end past that time (judged by the dearest of the last few generations; ``SearchResult.stopped_by`` says
-    which limit ended it). ``on_batch`` is told how many candidates each generation added.
+    which limit ended it). ``on_batch`` is told how many candidates each generation added; ``on_pick(done, total)``
+    how many elites the pick on ``validation`` has scored (0 first: on a 1.5B model the pick takes minutes).
     """
     rng = np.random.default_rng(cfg.seed)
     opt = _OPTIMIZERS[cfg.optimizer](cfg, rng)
@@ -551,7 +553,13 @@ def run_search(objective: RobustObjective, cfg: SearchConfig, *, validation: Seq
     chosen, selected_by, considered = elites[0], "train", []
     if validation and not interrupted:
         # the elite that generalises best to presentations the search never used (never the held-out ones)
-        vals = [objective.value(z, list(validation)) for z in elites]
+        vals = []
+        for z in elites:
+            if on_pick:
+                on_pick(len(vals), len(elites))
+            vals.append(objective.value(z, list(validation)))
+        if on_pick:
+            on_pick(len(vals), len(elites))
         considered = [{"train": objective.value(z), "validation": v} for z, v in zip(elites, vals)]
         chosen, selected_by = elites[int(np.argmin(vals))], "validation"
     return SearchResult(chosen, objective.space.prompts(chosen)[0], objective.value(chosen),

@@ -82,7 +82,8 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
           validity: dict | None = None, forced_invalid: bool = False, order_balanced: bool = False) -> TrainOutcome:
     """``on_generation(progress, checkpoint_path)`` is called after each generation's checkpoint is written (the
     fan-out's live lines and its checkpoint upload); ``on_stage(stage, done, total)`` after each presentation the
-    baselines and the result's scoring finish (on a 1.5B model they take half an hour before the first generation).
+    baselines and the result's scoring finish, and each elite the pick on validation scores (on a 1.5B model the
+    baselines take half an hour before the first generation, the pick ten minutes after the last).
 
     ``readout``, ``validity`` (read-out -> ValidityReport.summary()), ``forced_invalid`` and ``order_balanced``
     say how the run was gated (culign.validity; the CLI runs the check): they go into the report and provenance.
@@ -137,9 +138,21 @@ def train(rt: Runtime, survey: Survey, target: Target, settings: TrainSettings, 
         if on_generation is not None:
             on_generation(p, checkpoint)
 
+    picking = None
+
+    def pick_progress(done: int, total: int):  # the pick among the elites, on the validation presentations
+        nonlocal picking
+        if picking is None:
+            bar.close()
+            picking = progress_bar(total, "picking among the elites on validation", "elite", progress)
+        else:
+            picking.update()
+        if on_stage is not None:
+            on_stage("picking on validation", done, total)
+
     result = run_search(objective, cfg, validation=split.validation_names, checkpoint=checkpoint, resume=resume,
-                        run_key=run_key, on_generation=generation_done, on_batch=bar.update)
-    bar.close()
+                        run_key=run_key, on_generation=generation_done, on_batch=bar.update, on_pick=pick_progress)
+    (picking or bar).close()
 
     # 3. the result, alone, on every presentation: the numbers the report and `culign eval` print. After Ctrl-C the
     # user wants out: the result is saved at once with the training scores the search has (held-out not scored).

@@ -66,6 +66,10 @@ def _job(region, model, adapters, tmp_path, **kw):
                      checkpoint_dir=str(tmp_path / "ck"), threads=1, **kw)
 
 
+def _report(result) -> dict:
+    return json.loads((Path(result.adapter_path) / "report.json").read_text())
+
+
 def _weights(result) -> bytes:
     return (Path(result.adapter_path) / "adapter_model.safetensors").read_bytes()
 
@@ -124,17 +128,25 @@ def test_the_live_lines_show_the_stages_before_and_after_the_search(tiny_model_d
     are, then the generations, then the result's scoring; on a pipe a stage prints at each tenth, not per step."""
     seen = []
     threads = torch.get_num_threads()
+    settings = _settings()
+    settings.split = Split(train=("vsm/chat/asc",), validation={"wording:casual": ("casual/chat/asc",)},
+                           heldout={"order:desc": ("vsm/chat/desc",)})
     try:
-        (res,) = run_sequential([_job("US", tiny_model_dir, tmp_path / "reg", tmp_path / "ck")],
+        (res,) = run_sequential([_job("US", tiny_model_dir, tmp_path / "reg", tmp_path / "ck", settings=settings)],
                                 on_update=lambda sts: seen.append(status_line(sts["US"])))
     finally:
         torch.set_num_threads(threads)
     assert res.ok, res.error
-    # the split has 2 presentations: naive and persona on each, then the search's 2 generations, then the result
-    # alone on both (afresh, as `culign eval` scores it: the report's numbers are the ones eval gives)
-    assert [ln.split(None, 1)[1] for ln in seen[:4]] == [f"running  baselines {i}/4" for i in range(1, 5)]
+    # the split has 3 presentations: naive and persona on each, then the search's 2 generations, the pick among its
+    # elites on the validation one, then the result alone on all 3 (afresh, as `culign eval` scores it: the
+    # report's numbers are the ones eval gives), then the line says how it ended
+    assert [ln.split(None, 1)[1] for ln in seen[:6]] == [f"running  baselines {i}/6" for i in range(1, 7)]
     assert any("gen 2/2  best L1" in ln for ln in seen), seen
-    assert seen[-2:] == ["US       running  scoring the result 1/2", "US       running  scoring the result 2/2"]
+    picks = [ln for ln in seen if "picking on validation" in ln]
+    elites = len(_report(res)["elites"])
+    assert picks == [f"US       running  picking on validation {i}/{elites}" for i in range(elites + 1)], seen
+    assert seen[-4:-1] == [f"US       running  scoring the result {i}/3" for i in range(1, 4)]
+    assert seen[-1].startswith(f"US       done     held-out L1 {res.heldout_loss:.2f}  {res.verdict}  "), seen[-1]
 
     out = io.StringIO()
     lines = LiveLines(out)
