@@ -172,15 +172,16 @@ def _cli(*args, env=None, timeout=600):
 
 def test_cli_regions_on_the_cluster(cluster, tiny_model_dir, tmp_path):
     reg = tmp_path / "reg"
+    # the driver samples the regions' state every 0.5 s: a 1 s pause after each generation lets it see one
     r = _cli("train", "--regions", "US,CN", "--ray-address", cluster, "--model", tiny_model_dir, "--tokens", "2",
              "--dim", "4", "--popsize", "8", "--budget", "16", "--adapters-dir", str(reg), "--checkpoint-dir",
-             str(tmp_path / "ck"), *PRESENTATIONS)
+             str(tmp_path / "ck"), *PRESENTATIONS, env={"CULIGN_FANOUT_TEST_PAUSE_S": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "US@1" in r.stdout and "CN@1" in r.stdout and "gain kept" in r.stdout
-    for region in ("US", "CN"):  # the live lines (on a pipe: one per change): generations, best loss, ETA, done
-        assert any(ln.startswith(region) and "gen 2/2" in ln and "best L1" in ln and "ETA" in ln
+    for region in ("US", "CN"):  # the live lines (on a pipe: one per change): generations, best loss, ETA, the end
+        assert any(ln.startswith(region) and "running  gen " in ln and "/2  best L1" in ln and "ETA" in ln
                    for ln in r.stderr.splitlines()), r.stderr[-2000:]
-        assert any(ln.startswith(region) and " done " in ln for ln in r.stderr.splitlines())
+        assert any(ln.startswith(region) and " done " in ln and "held-out L1" in ln for ln in r.stderr.splitlines())
     assert sorted(p.parent.name for p in reg.glob("*/1")) == ["CN", "US"]
     r = _cli("train", "--regions", "US,CN", "--ray-address", cluster, "--model", tiny_model_dir, "--tokens", "2",
              "--dim", "4", "--popsize", "8", "--budget", "16", "--adapters-dir", str(reg), "--json",
