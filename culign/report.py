@@ -392,7 +392,7 @@ def cross_table(entries: Sequence[tuple[str, Mapping, Comparison]]) -> str:
     best on its own target; one that carries a shift every target likes is best on several. Bold: the best DE row
     of a column. The last line counts the DE adapters best on their own target."""
     if len(entries) < 2:
-        raise ValueError("a cross table needs the reports of at least two adapters")
+        raise ValueError(f"a cross table needs the reports of two regions or more; got {len(entries)}")
     models = {str(report.get("model")) for _, report, _ in entries}
     if len(models) > 1:  # the naive row and every comparison assume one frozen model
         raise ValueError(f"the adapters were trained on different models ({', '.join(sorted(models))}): "
@@ -413,7 +413,7 @@ def cross_table(entries: Sequence[tuple[str, Mapping, Comparison]]) -> str:
         for row in c.rows[1:]:
             trained = row is c.rows[-1]
             kind = str(report.get("optimizer", "de")).upper() if trained else _kind(row.label)
-            cells = [heldout(row, c, t) for _, t in targets]
+            cells = de[i] if trained else [heldout(row, c, t) for _, t in targets]
             shown = [f"**{_fmt(v, '.2f')}**" if trained and best[j] == i else _fmt(v, ".2f")
                      for j, v in enumerate(cells)]
             lines.append(f"| {ref} {kind} | " + " | ".join(shown) + " |")
